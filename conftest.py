@@ -1,0 +1,11 @@
+"""Repo-wide pytest setup.
+
+nbval starts each notebook's kernel with this process's environment, so the
+variables set here reach the notebooks: they run with the smoke profile (every
+notebook in well under a minute) and a non-interactive matplotlib backend.
+An explicit ``FASTSLOW_PROFILE=...`` in the environment still wins.
+"""
+import os
+
+os.environ.setdefault("FASTSLOW_PROFILE", "smoke")
+os.environ.setdefault("MPLBACKEND", "Agg")

@@ -1,0 +1,113 @@
+"""Where models fail: captions whose near-duplicate twin image differs only in binding or relation.
+
+A twin pair (A, B) shares every word of its "full" captions (same template, attributes swapped or
+the relation flipped), so a bag of words cannot tell caption j of A from caption j of B. A model
+understands the caption when it scores A above B for A's caption.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fastslow.data.types import CaptionedImages
+
+
+def twin_preferences(scores, split: CaptionedImages, queries: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per "full" query caption whose image has a twin in the gallery.
+
+    ``scores`` is ``(queries, images)``; row r stands for caption ``queries[r]`` of ``split``
+    (all captions, in order, when ``queries`` is None).
+    """
+    scores = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    queries = np.arange(split.num_captions) if queries is None else np.asarray(queries)
+    rows = []
+    for row, caption in enumerate(queries):
+        image = split.caption_image[caption]
+        twin = split.twin[image]
+        if twin < 0 or split.caption_kind[caption] != "full":
+            continue
+        own_score, twin_score = scores[row, image], scores[row, twin]
+        rows.append(
+            {
+                "caption": split.captions[caption],
+                "caption_index": int(caption),
+                "image": int(image),
+                "twin": int(twin),
+                "kind": split.twin_kind[image],
+                "own_score": float(own_score),
+                "twin_score": float(twin_score),
+                "rank_of_own": int((scores[row] >= own_score).sum()),
+                "prefers_own": bool(own_score > twin_score),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def twin_accuracy(preferences: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Percentage of twin captions where each model prefers the right image, by kind of twin."""
+    table = {
+        method: pref.groupby("kind")["prefers_own"].mean().mul(100).round(1) for method, pref in preferences.items()
+    }
+    frame = pd.DataFrame(table).T
+    frame["all"] = pd.Series({m: 100 * p["prefers_own"].mean() for m, p in preferences.items()}).round(1)
+    frame.index.name = "method"
+    return frame
+
+
+def confused_pairs(preferences: pd.DataFrame, split: CaptionedImages, n: int = 6) -> pd.DataFrame:
+    """The query captions where the model put the twin first, with the twin's own caption beside
+    them: concrete pairs that differ only in binding or relation."""
+    wrong = preferences[~preferences["prefers_own"] & (preferences["rank_of_own"] > 1)]
+    wrong = wrong.assign(margin=wrong["twin_score"] - wrong["own_score"]).sort_values("margin", ascending=False)
+    wrong = wrong.groupby("kind", group_keys=False).head(max(1, n // 2)).head(n)
+    twin_caption = []
+    for _, row in wrong.iterrows():
+        position = split.captions_of(row["image"]).index(row["caption"])
+        twin_caption.append(split.captions_of(row["twin"])[position])
+    return wrong.assign(twin_caption=twin_caption)[
+        ["kind", "caption", "twin_caption", "image", "twin", "own_score", "twin_score", "rank_of_own"]
+    ].reset_index(drop=True)
+
+
+def bag_of_words_oracle_scores(split: CaptionedImages, queries: np.ndarray, words: list[str]) -> np.ndarray:
+    """What words alone can do, even knowing every gallery image's true captions.
+
+    score(query, image) = the best cosine similarity between the query's word counts and those of
+    one of the image's own captions, leaving the query itself out. Twins tie by construction.
+    """
+    from fastslow.data.text import split_words
+
+    vocabulary = {word: i for i, word in enumerate(words)}
+    counts = np.zeros((split.num_captions, len(vocabulary)), dtype=np.float32)
+    for row, caption in enumerate(split.captions):
+        for word in split_words(caption):
+            if word in vocabulary:
+                counts[row, vocabulary[word]] += 1
+    counts /= np.linalg.norm(counts, axis=1, keepdims=True).clip(min=1e-6)
+    similarity = counts[queries] @ counts.T  # (queries, captions)
+    similarity[np.arange(len(queries)), queries] = -np.inf
+    scores = np.full((len(queries), len(split)), -np.inf, dtype=np.float32)
+    np.maximum.at(scores.T, split.caption_image, similarity.T)
+    return scores
+
+
+def split_statistics(splits: dict[str, CaptionedImages], tokenizer) -> pd.DataFrame:
+    """Images, captions, twins and caption kinds per split."""
+    rows = {}
+    for name, split in splits.items():
+        kinds = pd.Series(split.caption_kind)
+        rows[name] = {
+            "images": len(split),
+            "captions": split.num_captions,
+            "captions per image": split.num_captions / max(1, len(split)),
+            "images with a twin": int((split.twin >= 0).sum()),
+            "attribute-swap twins": split.twin_kind.count("attribute_swap"),
+            "relation-flip twins": split.twin_kind.count("relation_flip"),
+            "partial captions (%)": round(100 * float((kinds == "partial").mean()), 1),
+            "unreadable images skipped": len(split.skipped),
+        }
+    frame = pd.DataFrame(rows)
+    frame.loc["vocabulary (train)"] = tokenizer.vocab_size
+    return frame

@@ -1,0 +1,54 @@
+"""Training batches of matched (image, caption) pairs and the evaluation query sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastslow.data.text import WordTokenizer
+from fastslow.data.types import CaptionedImages
+from fastslow.models.encoders import images_to_tensor, trim_padding
+
+
+class PairBatches:
+    """One epoch of pairs: every image once, with one of its captions drawn at random.
+
+    Deterministic in ``(seed, epoch)``, so a resumed training run sees the same batches.
+    """
+
+    def __init__(self, split: CaptionedImages, tokens: torch.Tensor, batch_size: int, seed: int, epoch: int):
+        rng = np.random.default_rng([seed, epoch])
+        self.split = split
+        self.tokens = tokens
+        self.batch_size = min(batch_size, len(split))
+        self.order = rng.permutation(len(split))
+        captions_by_image = split.captions_by_image()
+        self.caption_of = np.array([rng.choice(captions_by_image[i]) for i in range(len(split))])
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for b in range(len(self)):
+            images = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield {
+                "images": images_to_tensor(self.split.images[images]),
+                "tokens": trim_padding(self.tokens[self.caption_of[images]]),
+                "image_index": torch.as_tensor(images),
+            }
+
+
+def tokenize_captions(tokenizer: WordTokenizer, split: CaptionedImages, max_tokens: int) -> torch.Tensor:
+    return tokenizer.encode(split.captions, max_len=max_tokens)
+
+
+def headline_queries(split: CaptionedImages, captions_per_image: int) -> np.ndarray:
+    """Indices of the captions every method is scored on: the first ``n`` of each image's captions.
+
+    The Slow model scores each (query, image) pair, so the comparable evaluation may use fewer
+    queries than the split has captions; every method's ``headline`` row uses this same set.
+    """
+    by_image = split.captions_by_image()
+    return np.concatenate([np.asarray(c[:captions_per_image]) for c in by_image]).astype(np.int64)

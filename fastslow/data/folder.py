@@ -1,0 +1,160 @@
+"""Real captioned images from a folder in the Hugging Face ``datasets`` "imagefolder" layout.
+
+``root/<split>/metadata.jsonl`` (or ``metadata.csv``) has a ``file_name`` column, relative to the split
+folder, and the captions in a ``text``, ``caption`` or ``captions`` column: a string or a list of
+strings. Several rows may name the same file; their captions are grouped. Unreadable or missing
+images are skipped, listed in ``skipped`` and logged, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fastslow.data.types import SPLITS, CaptionedImages
+
+log = logging.getLogger(__name__)
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_COLUMNS = ("text", "caption", "captions")
+# The folder names each split may have on disk (HF datasets writes "validation").
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+
+
+def load_image_folder(
+    root: str | Path, split: str, image_size: int, dataset: str | None = None
+) -> CaptionedImages:
+    """Load one split, resizing every image to ``image_size`` x ``image_size`` RGB uint8 (bicubic).
+
+    ``dataset`` names the result; by default the name of ``root``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    split_dir = _split_folder(root, split)
+    metadata_path = _metadata_file(split_dir)
+    rows = _read_rows(metadata_path)
+    file_names, captions_by_file = _group_captions(rows, metadata_path)
+
+    images = np.empty((len(file_names), image_size, image_size, 3), dtype=np.uint8)
+    loaded: list[str] = []
+    skipped: list[str] = []
+    for file_name in tqdm(file_names, desc=f"{root.name}/{split_dir.name}", unit="image"):
+        path = split_dir / file_name
+        try:
+            with Image.open(path) as image:
+                resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            # OSError covers missing files and PIL's UnidentifiedImageError; truncated or malformed
+            # files can raise SyntaxError or ValueError from the decoders.
+            log.debug("cannot read %s: %s", path, error)
+            skipped.append(str(path))
+            continue
+        images[len(loaded)] = np.asarray(resized, dtype=np.uint8)
+        loaded.append(file_name)
+    if skipped:
+        log.warning(
+            "skipped %d of %d images in %s (missing or unreadable), e.g. %s",
+            len(skipped), len(file_names), split_dir, skipped[0],
+        )
+    if not loaded:
+        raise ValueError(f"no readable images in {split_dir}: all {len(skipped)} were skipped")
+
+    captions = [caption for file_name in loaded for caption in captions_by_file[file_name]]
+    caption_image = np.repeat(np.arange(len(loaded)), [len(captions_by_file[name]) for name in loaded])
+    return CaptionedImages(
+        dataset=dataset or root.name,
+        split=split,
+        images=images[: len(loaded)],
+        captions=captions,
+        caption_image=caption_image,
+        image_ids=loaded,
+        twin=np.full(len(loaded), -1, dtype=np.int64),
+        twin_kind=[""] * len(loaded),
+        caption_kind=[""] * len(captions),
+        skipped=skipped,
+    )
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    candidates = [root / name for name in SPLIT_FOLDERS[split]]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"split folder not found: {' or '.join(str(c) for c in candidates)}")
+
+
+def _metadata_file(split_dir: Path) -> Path:
+    for name in METADATA_FILES:
+        if (split_dir / name).is_file():
+            return split_dir / name
+    raise FileNotFoundError(f"no metadata file in {split_dir}: expected {' or '.join(METADATA_FILES)}")
+
+
+def _read_rows(metadata_path: Path) -> list[dict[str, Any]]:
+    if metadata_path.suffix == ".csv":
+        with metadata_path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    rows = []
+    with metadata_path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                message = f"{metadata_path} line {line_number} is not valid JSON: {error}"
+                raise ValueError(message) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{metadata_path} line {line_number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _group_captions(
+    rows: list[dict[str, Any]], metadata_path: Path
+) -> tuple[list[str], dict[str, list[str]]]:
+    """File names in first-seen order, and every caption of each file."""
+    if not rows:
+        raise ValueError(f"{metadata_path} has no rows: no captions at all")
+    columns = sorted({column for row in rows for column in row})
+    if "file_name" not in columns:
+        raise ValueError(f"{metadata_path} has no 'file_name' column; columns found: {columns}")
+    caption_column = next((name for name in CAPTION_COLUMNS if name in columns), None)
+    if caption_column is None:
+        raise ValueError(
+            f"{metadata_path} has no caption column (one of {', '.join(CAPTION_COLUMNS)}); "
+            f"columns found: {columns}"
+        )
+    captions_by_file: dict[str, list[str]] = {}
+    for row in rows:
+        file_name = row.get("file_name")
+        if not file_name:
+            raise ValueError(f"{metadata_path} has a row without a file_name: {row}")
+        captions = _parse_captions(row.get(caption_column))
+        if not captions or not all(captions):
+            raise ValueError(f"{metadata_path}: {file_name!r} has an empty caption ({caption_column!r})")
+        captions_by_file.setdefault(str(file_name), []).extend(captions)
+    return list(captions_by_file), captions_by_file
+
+
+def _parse_captions(value: Any) -> list[str]:
+    """A caption cell as a list of stripped captions; a CSV cell may hold a JSON list."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a caption that happens to start with "[" is still a caption
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [str(caption).strip() for caption in values]

@@ -1,0 +1,77 @@
+"""The Fast model: image and text embedded independently, compared by a dot product.
+
+Embeddings are L2-normalised, so a FAISS inner-product index over image embeddings answers a
+caption query by nearest-neighbour search (:mod:`fastslow.index`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastslow.config import DualEncoderConfig
+from fastslow.models.encoders import TextTransformer, build_image_tower, images_to_tensor, trim_padding
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, vocab_size: int, config: DualEncoderConfig, image_size: int):
+        super().__init__()
+        enc = config.encoder
+        self.image_tower = build_image_tower(enc)
+        coarse_side = image_size // self.image_tower.strides[-1]
+        # Flattening (rather than average pooling) the coarse map keeps where things are, so the
+        # single vector can in principle encode spatial relations.
+        self.image_projection = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(self.image_tower.out_channels[-1] * coarse_side**2, 2 * config.embed_dim),
+            nn.GELU(),
+            nn.Linear(2 * config.embed_dim, config.embed_dim),
+        )
+        self.text_tower = TextTransformer(vocab_size, enc.text_width, enc.text_layers, enc.heads, enc.max_caption_tokens)
+        self.text_projection = nn.Linear(enc.text_width, config.embed_dim)
+        self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        # Clamped as in CLIP: an unbounded scale destabilises training.
+        return self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        coarse = self.image_tower(images)[-1]
+        return F.normalize(self.image_projection(coarse), dim=-1)
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        states = self.text_tower(tokens)
+        mask = tokens.ne(0).unsqueeze(-1).float()
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Scaled similarity logits ``(texts, images)`` of a batch of matched pairs."""
+        return self.logit_scale * self.encode_texts(tokens) @ self.encode_images(images).T
+
+
+@torch.no_grad()
+def embed_images(model: DualEncoder, images: np.ndarray, device: str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised embeddings of uint8 images, computed in batches (returned on the CPU)."""
+    model.eval()
+    chunks = [
+        model.encode_images(images_to_tensor(images[i : i + batch_size], device)).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def embed_texts(model: DualEncoder, tokens: torch.Tensor, device: str = "cpu", batch_size: int = 1024) -> torch.Tensor:
+    """L2-normalised embeddings of tokenised captions, computed in batches (returned on the CPU)."""
+    model.eval()
+    chunks = [
+        model.encode_texts(trim_padding(tokens[i : i + batch_size]).to(device)).cpu()
+        for i in range(0, len(tokens), batch_size)
+    ]
+    return torch.cat(chunks)

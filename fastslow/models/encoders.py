@@ -1,0 +1,100 @@
+"""Image and text towers shared by the Fast and the Slow model.
+
+The image tower returns feature maps at several scales (fine to coarse), so the dual encoder can
+use the coarsest one and the cross-attention model can upsample it progressively, fusing the finer
+ones (:mod:`fastslow.models.cross_attention`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastslow.config import EncoderConfig
+
+# Per-channel statistics of the `shapes` images are close to these; any image data works with them
+# because the first convolution is followed by batch normalisation.
+PIXEL_MEAN = (0.2, 0.2, 0.2)
+PIXEL_STD = (0.3, 0.3, 0.3)
+
+
+def images_to_tensor(images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 ``(B, H, W, 3)`` images to normalised float ``(B, 3, H, W)`` on ``device``."""
+    tensor = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    tensor = tensor.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
+    return (tensor - mean) / std
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns that every row of a batch shares (padding id 0)."""
+    length = int(tokens.ne(0).sum(1).max())
+    return tokens[:, :length]
+
+
+def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.GELU(),
+    )
+
+
+class ConvTower(nn.Module):
+    """A small CNN: each stage halves the resolution; the last three stages' maps are returned.
+
+    For 64x64 input the maps are 16x16, 8x8 and 4x4 (strides 4, 8, 16).
+    """
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        stages = []
+        previous = 3
+        for i, width in enumerate(channels):
+            layers = [_conv_block(previous, width, stride=2)]
+            if i > 0:  # the stem stays single-conv: it runs at the highest resolution
+                layers.append(_conv_block(width, width, stride=1))
+            stages.append(nn.Sequential(*layers))
+            previous = width
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = tuple(channels[-3:])
+        self.strides = tuple(2 ** (i + 1) for i in range(len(channels)))[-3:]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        x = images
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps[-3:]
+
+
+class TextTransformer(nn.Module):
+    """Token embeddings + learned positions + a pre-norm transformer encoder."""
+
+    def __init__(self, vocab_size: int, width: int, layers: int, heads: int, max_tokens: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=0)
+        self.position_embedding = nn.Parameter(torch.zeros(max_tokens, width))
+        nn.init.normal_(self.position_embedding, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True, activation="gelu"
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.width = width
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` token ids (0 = padding) to ``(B, L, width)`` states."""
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.position_embedding[:length]
+        x = self.encoder(x, src_key_padding_mask=tokens.eq(0))
+        return self.norm(x)
+
+
+def build_image_tower(config: EncoderConfig) -> ConvTower:
+    if config.backbone != "tiny":
+        raise ValueError(f"backbone {config.backbone!r} has no trainable image tower here; use 'tiny'")
+    return ConvTower(config.channels)

@@ -1,0 +1,145 @@
+"""The one training loop every model of the study goes through; the loss is what varies.
+
+``fit`` runs AdamW with linear warm-up and cosine decay, validates after each epoch, keeps the best
+weights, stops early when validation stops improving, and writes a checkpoint after every epoch
+(atomically) so an interrupted run resumes where it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sized
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastslow.cache import atomic_torch_save
+from fastslow.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
+
+
+class EpochBatches(Sized, Iterable, Protocol):
+    """The batches of one epoch; its length sets the learning-rate schedule."""
+
+
+def _to_device(batch: Any, device: str) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any, float], LossOutput],
+    epoch_batches: Callable[[int], EpochBatches],
+    validate: Callable[[nn.Module], float],
+    config: TrainConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
+    checkpoint: Path | None = None,
+    desc: str = "train",
+) -> dict[str, list[dict[str, float]]]:
+    """Train ``model`` in place and return its history (per-epoch and per-step records).
+
+    ``loss_fn(model, batch, progress)`` gets the training progress in [0, 1] (losses whose weights
+    change as training goes, such as DCD's, use it) and returns a loss, or a loss and a dict of
+    scalars to log. ``epoch_batches(epoch)`` must be deterministic in ``epoch`` so a resumed run
+    sees the same data. ``validate(model)`` returns a score where higher is better.
+    """
+    torch.manual_seed(seed)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(epoch_batches(0))
+    total = config.epochs * steps_per_epoch
+    warmup = max(1, int(config.warmup_fraction * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    state = {"epoch": 0, "best_score": -math.inf, "best_weights": None, "bad_epochs": 0, "stopped": False, "history": {"epochs": [], "steps": []}}
+
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state = saved["state"]
+        log.info("%s: resuming after epoch %d from %s", desc, state["epoch"], checkpoint)
+
+    history = state["history"]
+    for epoch in range(state["epoch"], config.epochs):
+        if state["stopped"]:
+            break
+        model.train()
+        started = time.perf_counter()
+        losses = []
+        batches = tqdm(epoch_batches(epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}", leave=False)
+        for batch in batches:
+            progress = scheduler.last_epoch / total
+            output = loss_fn(model, _to_device(batch, device), progress)
+            loss, extras = output if isinstance(output, tuple) else (output, {})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            history["steps"].append({"step": scheduler.last_epoch, "loss": losses[-1], **extras})
+            batches.set_postfix(loss=f"{losses[-1]:.3f}")
+
+        model.eval()
+        with torch.no_grad():
+            score = validate(model)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / len(losses),
+            "val_score": score,
+            "seconds": time.perf_counter() - started,
+        }
+        history["epochs"].append(record)
+        log.info("%s epoch %d: loss %.4f, validation %.2f", desc, epoch + 1, record["train_loss"], score)
+        if score > state["best_score"]:
+            state.update(best_score=score, best_weights=copy.deepcopy(model.state_dict()), bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        state["stopped"] = state["bad_epochs"] >= config.patience
+        if checkpoint is not None:
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "state": state,
+                },
+                checkpoint,
+            )
+        if state["stopped"]:
+            log.info("%s: early stop after epoch %d (best validation %.2f)", desc, epoch + 1, state["best_score"])
+            break
+
+    if state["best_weights"] is not None:
+        model.load_state_dict(state["best_weights"])
+    model.eval()
+    return history
