@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from fastslow.models.encoders import trim_padding
 
@@ -33,6 +36,8 @@ def fast_query_ms(model, index, tokens: torch.Tensor, device: str = "cpu", k: in
 
     Queries run one at a time, as a user's would; the median over ``repeats`` passes is reported.
     """
+    from fastslow.index import single_threaded
+
     queries = [trim_padding(tokens[i : i + 1]).to(device) for i in range(len(tokens))]
 
     @torch.no_grad()
@@ -40,4 +45,67 @@ def fast_query_ms(model, index, tokens: torch.Tensor, device: str = "cpu", k: in
         for query in queries:
             index.search(model.encode_texts(query).cpu(), k)
 
-    return ms_per_item(run_all, items=len(queries), repeats=repeats)
+    with single_threaded():
+        return ms_per_item(run_all, items=len(queries), repeats=repeats)
+
+
+def filler_vectors(real: torch.Tensor, count: int, seed: int) -> np.ndarray:
+    """Unit vectors drawn from a Gaussian fitted to ``real`` embeddings (mean and covariance).
+
+    They stand in for gallery items beyond the real ones when measuring how search time grows
+    with the gallery: what matters there is the index's work, not what the items depict.
+    """
+    rng = np.random.default_rng(seed)
+    real = real.double().numpy()
+    mean, covariance = real.mean(0), np.cov(real, rowvar=False)
+    chunks = []
+    for start in range(0, count, 100_000):
+        draw = rng.multivariate_normal(mean, covariance, size=min(100_000, count - start), method="cholesky")
+        chunks.append((draw / np.linalg.norm(draw, axis=1, keepdims=True)).astype(np.float32))
+    return np.concatenate(chunks) if chunks else np.zeros((0, real.shape[1]), dtype=np.float32)
+
+
+def index_scaling(
+    gallery: torch.Tensor,
+    queries: torch.Tensor,
+    sizes: Sequence[int],
+    factories: dict[str, str],
+    k: int = 10,
+    seed: int = 0,
+    repeats: int = 3,
+) -> pd.DataFrame:
+    """Per-query search time and recall@k against exact search, for each index and gallery size.
+
+    The real ``gallery`` embeddings come first; :func:`filler_vectors` extend it to each size.
+    Queries are searched one at a time (as a user's would), median over ``repeats`` passes.
+    """
+    from fastslow.index import VectorIndex, recall_against_exact, single_threaded
+
+    largest = max(sizes)
+    filler = filler_vectors(gallery, max(0, largest - len(gallery)), seed)
+    everything = np.concatenate([gallery.float().numpy(), filler])[:largest]
+    query_rows = [q[None] for q in queries.float().numpy()]
+    rows = []
+    for size in tqdm(sizes, desc="gallery sizes"):
+        vectors = everything[:size]
+        exact_ids = None
+        for name, factory in factories.items():
+            factory = factory.format(nlist=max(1, int(4 * np.sqrt(size))))
+            started = time.perf_counter()
+            index = VectorIndex.build(vectors, factory)
+            build_seconds = time.perf_counter() - started
+            with single_threaded():
+                ms = ms_per_item(lambda: [index.search(q, k) for q in query_rows], len(query_rows), repeats=repeats)
+            _, ids = index.search(queries, k)
+            exact_ids = ids if exact_ids is None else exact_ids
+            rows.append(
+                {
+                    "gallery_size": size,
+                    "index": name,
+                    "factory": factory,
+                    "build_s": build_seconds,
+                    "ms_per_query": ms,
+                    f"recall@{k}_vs_exact": recall_against_exact(ids, exact_ids),
+                }
+            )
+    return pd.DataFrame(rows)

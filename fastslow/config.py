@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-DATASETS = ("shapes", "shapes-video", "folder", "flickr8k", "flickr30k", "coco")
+DATASETS = ("shapes", "shapes-video", "folder", "flickr8k", "flickr30k", "coco", "vatex", "msrvtt")
 BACKBONES = ("tiny", "pretrained")
 
 
@@ -27,6 +27,7 @@ class DataConfig:
     image_size: int = 48
     captions_per_image: int = 5
     seed: int = 0
+    frames: int = 8  # frames per clip of a video dataset; image datasets ignore it
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,30 @@ class DualEncoderConfig:
     init_temperature: float = 0.07
 
 
+OBJECTIVES = ("bidirectional", "forward", "itm")
+
+
+@dataclass(frozen=True)
+class CrossAttentionConfig:
+    """The Slow model: image tower, progressive upsampler and caption decoders.
+
+    ``objective``: ``bidirectional`` (forward + backward captioning likelihood), ``forward``
+    (left-to-right captioning only) or ``itm`` (binary image-text matching with hard negatives).
+    ``upsample_steps``: x2 upsampling steps from the tower's coarsest map (0 = coarse map only).
+    """
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    upsample_steps: int = 1
+    objective: str = "bidirectional"
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    ffn_ratio: int = 4
+    # Early stopping validates retrieval on the first caption of this many validation images: the
+    # Slow model scores every pair, so the full validation split would cost more than an epoch.
+    validation_images: int = 200
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -60,12 +85,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Slow -> Fast distillation (:mod:`fastslow.distill`): the student starts from the trained
+    dual encoder and is fine-tuned for ``train.epochs`` on fixed hard batches, with a teacher
+    ("tfs", "dcd") or without one ("none": the same budget, the control)."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=64, lr=5e-4, patience=3))
+    teacher_temperature: float = 0.1
+    tfs_alpha: float = 0.5  # weight of the student's own contrastive loss in TFS
+    dcd_alpha: float = 0.2  # the DCD paper's hard-label weight
+    dcd_hard_negatives: int = 8  # negatives the teacher keeps per query (the DCD paper keeps 8 of 63)
+    dcd_sharpness: float = 2.0
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
 class Profile:
     """How big a run is: data sizes, training budgets and evaluation sizes."""
 
     name: str
     data: DataConfig
     train_dual: TrainConfig
+    distill: DistillConfig
+    train_cross: TrainConfig
     # Captions per test image used as queries in the comparable ("headline") evaluation. The Slow
     # model scores every (query, image) pair, so its cost sets this number.
     headline_captions_per_image: int
@@ -76,18 +118,24 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         data=DataConfig(n_train=512, n_val=64, n_test=100),
         train_dual=TrainConfig(epochs=2, batch_size=64, patience=2),
+        distill=DistillConfig(train=TrainConfig(epochs=1, batch_size=32, lr=5e-4), seeds=(0, 1)),
+        train_cross=TrainConfig(epochs=2, batch_size=64, patience=2),
         headline_captions_per_image=1,
     ),
     "quick": Profile(
         name="quick",
         data=DataConfig(n_train=6000, n_val=500, n_test=1000),
         train_dual=TrainConfig(epochs=10, batch_size=128),
+        distill=DistillConfig(),
+        train_cross=TrainConfig(epochs=10, batch_size=128),
         headline_captions_per_image=1,
     ),
     "full": Profile(
         name="full",
         data=DataConfig(n_train=40000, n_val=1000, n_test=1000, image_size=64),
         train_dual=TrainConfig(epochs=40, batch_size=256, patience=5),
+        distill=DistillConfig(train=TrainConfig(epochs=10, batch_size=128, lr=5e-4)),
+        train_cross=TrainConfig(epochs=30, batch_size=256, patience=5),
         headline_captions_per_image=5,
     ),
 }
@@ -115,6 +163,9 @@ class StudyConfig:
     data: DataConfig
     dual: DualEncoderConfig
     train_dual: TrainConfig
+    distill: DistillConfig
+    cross: CrossAttentionConfig
+    train_cross: TrainConfig
     headline_captions_per_image: int
     seed: int = 0
     device: str = "cpu"
@@ -149,6 +200,9 @@ def make_config(
         data=data,
         dual=DualEncoderConfig(encoder=encoder),
         train_dual=chosen.train_dual,
+        distill=chosen.distill,
+        cross=CrossAttentionConfig(encoder=encoder),
+        train_cross=chosen.train_cross,
         headline_captions_per_image=chosen.headline_captions_per_image,
         seed=seed,
         device=device or default_device(),

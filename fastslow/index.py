@@ -7,7 +7,9 @@ index (or on ``train_vectors`` when given).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -76,6 +78,18 @@ class VectorIndex:
             raise FileNotFoundError(f"no FAISS index at {path}")
         factory = path.with_name(path.name + ".factory").read_text()
         return cls(faiss.read_index(str(path)), factory)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """FAISS on one thread: one query at a time has nothing to split, and OpenMP's spinning
+    threads slow it down many times over when the other core is busy."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def recall_against_exact(approximate_ids: np.ndarray, exact_ids: np.ndarray) -> float:

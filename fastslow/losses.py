@@ -10,3 +10,67 @@ def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
     """CLIP's contrastive loss for a ``(texts, images)`` logit matrix whose diagonal holds the pairs."""
     targets = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def distillation_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(softmax(teacher / tau_t) || softmax(student / tau_s)) per row, averaged (optionally weighted).
+
+    Rows are queries, columns their candidates; ``-inf`` teacher logits mark candidates that are
+    not part of a row's set (they get zero probability in both distributions). ``weights`` (one
+    per row) are used as given: the caller normalises them.
+    """
+    excluded = torch.isinf(teacher_logits)
+    teacher_log_probs = F.log_softmax(teacher_logits / teacher_temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits.masked_fill(excluded, float("-inf")) / student_temperature, dim=-1)
+    teacher_probs = teacher_log_probs.exp()
+    terms = teacher_probs * (teacher_log_probs - student_log_probs)
+    per_row = terms.masked_fill(excluded, 0.0).sum(-1)
+    if weights is not None:
+        per_row = per_row * weights
+    return per_row.mean()
+
+
+def keep_hardest_negatives(teacher_scores: torch.Tensor, positives: torch.Tensor, k: int) -> torch.Tensor:
+    """DCD's teacher-picked candidate set: a boolean mask keeping each row's positive and the ``k``
+    negatives the teacher scores highest (the hardest ones)."""
+    rows = torch.arange(len(teacher_scores), device=teacher_scores.device)
+    negatives_only = teacher_scores.clone()
+    negatives_only[rows, positives] = float("-inf")
+    k = min(k, teacher_scores.shape[1] - 1)
+    keep = torch.zeros_like(teacher_scores, dtype=torch.bool)
+    keep.scatter_(1, negatives_only.topk(k, dim=1).indices, True)
+    keep[rows, positives] = True
+    return keep
+
+
+def dynamic_sample_weights(teacher_probs: torch.Tensor, progress: float, sharpness: float = 2.0) -> torch.Tensor:
+    """DCD-style dynamic weights, one per row, normalised to mean 1 over the batch.
+
+    With ``h_i`` the teacher's entropy over row i's kept candidates divided by its maximum
+    (``log`` of the number kept), and ``gamma(t) = sharpness * (1 - 2t)`` for training progress
+    ``t`` in [0, 1]:  ``w_i = B * softmax_i(gamma(t) * (1 - h_i))``. Early on (gamma > 0) the rows the
+    teacher is sure about weigh most: reliable knowledge first; late (gamma < 0) the rows it finds
+    ambiguous (hard near-duplicates among the kept negatives) weigh most. At t = 0.5 all weights are 1.
+    """
+    present = teacher_probs > 0
+    entropy = -(teacher_probs.clamp_min(1e-12).log() * teacher_probs).masked_fill(~present, 0.0).sum(-1)
+    normalised = entropy / present.sum(-1).clamp_min(2).float().log()
+    gamma = sharpness * (1.0 - 2.0 * progress)
+    return len(teacher_probs) * torch.softmax(gamma * (1.0 - normalised), dim=0)
+
+
+def captioning_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Teacher-forced captioning loss: next-token cross-entropy averaged over the real (non-padding)
+    target tokens of the batch. ``logits`` is ``(B, L, vocab)``, ``targets`` ``(B, L)``."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id)
+
+
+def itm_bce(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """Image-text matching: binary cross-entropy of one logit per pair against match (1) / not (0)."""
+    return F.binary_cross_entropy_with_logits(logits, matches.float())

@@ -102,3 +102,24 @@ def recall_bars(table: pd.DataFrame, title: str):
     grid.set_axis_labels("", "recall (%)")
     grid.figure.suptitle(title, y=1.04)
     return grid.figure
+
+
+def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int = 90):
+    """Each clip's frames in a row, left to right in time, under its first caption (and its twin
+    kind, when it has a twin). Images (one frame) work too."""
+    frames = split.frames
+    clips = split.images if split.images.ndim == 5 else split.images[:, None]
+    figsize = (max(1.3 * frames, 6.0), 1.75 * len(indices))
+    fig, axes = plt.subplots(len(indices), frames, figsize=figsize, squeeze=False)
+    for row, index in zip(axes, indices):
+        for t, ax in enumerate(row):
+            ax.imshow(clips[index, t], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        twin = f" [{split.twin_kind[index]} of {split.twin[index]}]" if split.twin[index] >= 0 else ""
+        title = textwrap.fill(f"{index}: {split.captions_of(index)[0]}{twin}", width)
+        row[0].set_title(title, fontsize=8, loc="left")
+    for t, ax in enumerate(axes[-1]):
+        ax.set_xlabel(f"t={t}", fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -9,8 +9,10 @@ images are skipped, listed in ``skipped`` and logged, never dropped silently.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,9 @@ from tqdm.auto import tqdm
 from fastslow.data.types import SPLITS, CaptionedImages
 
 log = logging.getLogger(__name__)
+
+# What an image can be read from: a file path, or the encoded bytes (as HF `datasets` stores them).
+ImageSource = str | Path | bytes
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption", "captions")
@@ -45,43 +50,80 @@ def load_image_folder(
     rows = _read_rows(metadata_path)
     file_names, captions_by_file = _group_captions(rows, metadata_path)
 
-    images = np.empty((len(file_names), image_size, image_size, 3), dtype=np.uint8)
-    loaded: list[str] = []
+    sources = [split_dir / file_name for file_name in file_names]
+    desc = f"{root.name}/{split_dir.name}"
+    images, kept, skipped = read_resized_images(sources, image_size, where=str(split_dir), desc=desc)
+    loaded = [file_names[i] for i in kept]
+    return real_captioned_images(
+        dataset or root.name, split, images, loaded, [captions_by_file[name] for name in loaded], skipped
+    )
+
+
+def read_resized_images(
+    sources: Sequence[ImageSource],
+    image_size: int,
+    where: str,
+    names: Sequence[str] | None = None,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode and resize images to ``image_size`` x ``image_size`` RGB uint8 (bicubic, aspect not kept).
+
+    ``sources`` are file paths or encoded bytes. Returns the readable images, their positions in
+    ``sources``, and the ``names`` (default: the paths) of the ones skipped as missing or unreadable,
+    which are logged as a warning: a real dataset with a few broken files still loads, never silently.
+    Raises ``ValueError`` naming ``where`` when no image is readable. ``desc`` labels the progress bar.
+    """
+    if names is None:
+        names = [f"<bytes #{i}>" if isinstance(s, bytes) else str(s) for i, s in enumerate(sources)]
+    images = np.empty((len(sources), image_size, image_size, 3), dtype=np.uint8)
+    kept: list[int] = []
     skipped: list[str] = []
-    for file_name in tqdm(file_names, desc=f"{root.name}/{split_dir.name}", unit="image"):
-        path = split_dir / file_name
+    for position, source in enumerate(tqdm(sources, desc=desc or where, unit="image")):
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             # OSError covers missing files and PIL's UnidentifiedImageError; truncated or malformed
             # files can raise SyntaxError or ValueError from the decoders.
-            log.debug("cannot read %s: %s", path, error)
-            skipped.append(str(path))
+            log.debug("cannot read %s: %s", names[position], error)
+            skipped.append(names[position])
             continue
-        images[len(loaded)] = np.asarray(resized, dtype=np.uint8)
-        loaded.append(file_name)
+        images[len(kept)] = np.asarray(resized, dtype=np.uint8)
+        kept.append(position)
     if skipped:
         log.warning(
             "skipped %d of %d images in %s (missing or unreadable), e.g. %s",
-            len(skipped), len(file_names), split_dir, skipped[0],
+            len(skipped), len(sources), where, skipped[0],
         )
-    if not loaded:
-        raise ValueError(f"no readable images in {split_dir}: all {len(skipped)} were skipped")
+    if not kept:
+        raise ValueError(f"no readable images in {where}: all {len(skipped)} were skipped")
+    return images[: len(kept)], np.asarray(kept, dtype=np.int64), skipped
 
-    captions = [caption for file_name in loaded for caption in captions_by_file[file_name]]
-    caption_image = np.repeat(np.arange(len(loaded)), [len(captions_by_file[name]) for name in loaded])
+
+def real_captioned_images(
+    dataset: str,
+    split: str,
+    images: np.ndarray,
+    image_ids: Sequence[str],
+    captions: Sequence[Sequence[str]],
+    skipped: Sequence[str],
+    meta: dict[str, Any] | None = None,
+) -> CaptionedImages:
+    """A split of real data: ``captions[i]`` are image ``i``'s captions; no twins, no caption kinds."""
+    flat = [caption for image_captions in captions for caption in image_captions]
+    caption_image = np.repeat(np.arange(len(image_ids)), [len(c) for c in captions])
     return CaptionedImages(
-        dataset=dataset or root.name,
+        dataset=dataset,
         split=split,
-        images=images[: len(loaded)],
-        captions=captions,
+        images=images,
+        captions=flat,
         caption_image=caption_image,
-        image_ids=loaded,
-        twin=np.full(len(loaded), -1, dtype=np.int64),
-        twin_kind=[""] * len(loaded),
-        caption_kind=[""] * len(captions),
-        skipped=skipped,
+        image_ids=list(image_ids),
+        twin=np.full(len(image_ids), -1, dtype=np.int64),
+        twin_kind=[""] * len(image_ids),
+        caption_kind=[""] * len(flat),
+        skipped=list(skipped),
+        meta=dict(meta or {}),
     )
 
 

@@ -222,29 +222,39 @@ def _sample_scenes(n_images: int, image_size: int, rng: np.random.Generator) -> 
 
 
 def _sample_caption_choices(
-    n_images: int, captions_per_image: int, rng: np.random.Generator
+    n_images: int,
+    captions_per_image: int,
+    rng: np.random.Generator,
+    n_full_templates: int = len(FULL_TEMPLATES),
+    n_partial_templates: int = len(PARTIAL_TEMPLATES),
+    n_phrases: int = 2,
 ) -> _CaptionChoices:
+    """The template counts are parameters so ``shapes-video`` draws its captions the same way."""
     size = (n_images, captions_per_image)
     partial = rng.random(size) < PARTIAL_PROBABILITY
-    partial_template = rng.integers(len(PARTIAL_TEMPLATES), size=size)
-    template = np.where(partial, partial_template, rng.integers(len(FULL_TEMPLATES), size=size))
+    partial_template = rng.integers(n_partial_templates, size=size)
+    template = np.where(partial, partial_template, rng.integers(n_full_templates, size=size))
     return _CaptionChoices(
         partial=partial,
         template=template,
         subject=rng.integers(2, size=size),
-        phrase=rng.integers(2, size=size),
+        phrase=rng.integers(n_phrases, size=size),
         with_size=rng.random(size) < SIZE_WORD_PROBABILITY,
     )
 
 
 def _pair_twins(
-    n_images: int, twin_fraction: float, rng: np.random.Generator
+    n_images: int,
+    twin_fraction: float,
+    rng: np.random.Generator,
+    twin_kinds: tuple[str, str] = ("attribute_swap", "relation_flip"),
 ) -> tuple[np.ndarray, list[str]]:
-    """Pick which slots (2k, 2k+1) hold a twin pair, and the kind of each pair."""
+    """Pick which slots (2k, 2k+1) hold a twin pair, and the kind of each pair (either of
+    ``twin_kinds``, equally likely)."""
     n_slots = n_images // 2
     n_pairs = min(n_slots, int(round(twin_fraction * n_images / 2)))
     slots = np.sort(rng.choice(n_slots, size=n_pairs, replace=False))
-    kinds = np.where(rng.random(n_pairs) < 0.5, "attribute_swap", "relation_flip")
+    kinds = np.where(rng.random(n_pairs) < 0.5, *twin_kinds)
     twin = np.full(n_images, -1, dtype=np.int64)
     twin_kind = [""] * n_images
     for slot, kind in zip(slots, kinds):
@@ -373,10 +383,14 @@ def vocabulary() -> list[str]:
     phrases = (
         FULL_TEMPLATES
         + PARTIAL_TEMPLATES
-        + SHAPE_NAMES
-        + COLOUR_NAMES
-        + SIZE_NAMES
         + tuple(p for variants in RELATION_PHRASES.values() for p in variants)
     )
-    words = {word for phrase in phrases for word in phrase.split() if not word.startswith("{")}
+    return words_of(phrases)
+
+
+def words_of(templates: tuple[str, ...]) -> list[str]:
+    """The sorted words of caption templates and the object names they are filled with (colours,
+    shapes, sizes), without the ``{placeholders}`` and punctuation."""
+    phrases = templates + SHAPE_NAMES + COLOUR_NAMES + SIZE_NAMES
+    words = {word for phrase in phrases for word in phrase.replace(",", " ").split() if not word.startswith("{")}
     return sorted(words)

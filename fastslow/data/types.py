@@ -7,22 +7,26 @@ because retrieval evaluation treats every caption as a query and needs its image
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-TWIN_KINDS = ("", "attribute_swap", "relation_flip")
+TWIN_KINDS = ("", "attribute_swap", "relation_flip", "order_swap", "direction_flip")
 CAPTION_KINDS = ("full", "partial", "")
 
 
 @dataclass
 class CaptionedImages:
-    """One split of a captioned-image dataset.
+    """One split of a captioned-image dataset, or of a captioned-clip dataset: ``images`` is
+    ``(N, H, W, 3)``, or ``(N, T, H, W, 3)`` for clips of ``T`` frames (see :attr:`frames`).
 
     ``twin[i]`` is the index of image ``i``'s hard near-duplicate in the same split (``-1`` if none),
     with ``twin_kind[i]`` saying how the two differ. ``caption_kind`` is ``"full"`` for a caption
     naming both objects and their relation, ``"partial"`` otherwise, ``""`` when unknown (real data).
+    ``meta`` says where a split came from when that is not obvious (e.g. Flickr8k's ``test`` being
+    its dev list), so results can state it.
     """
 
     dataset: str
@@ -35,6 +39,7 @@ class CaptionedImages:
     twin_kind: list[str]
     caption_kind: list[str]
     skipped: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
@@ -45,9 +50,9 @@ class CaptionedImages:
         where = f"split {self.split!r} of dataset {self.dataset!r}"
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+        if self.images.ndim not in (4, 5) or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
             raise ValueError(
-                f"images of {where} must be a (N, H, W, 3) uint8 array, "
+                f"images of {where} must be a (N, H, W, 3) or, for clips, (N, T, H, W, 3) uint8 array, "
                 f"got shape {self.images.shape} dtype {self.images.dtype}"
             )
         n_images, n_captions = len(self.images), len(self.captions)
@@ -94,6 +99,11 @@ class CaptionedImages:
         return len(self.images)
 
     @property
+    def frames(self) -> int:
+        """Frames per item: 1 for images, ``T`` for clips stored as ``(N, T, H, W, 3)``."""
+        return 1 if self.images.ndim == 4 else self.images.shape[1]
+
+    @property
     def num_captions(self) -> int:
         return len(self.captions)
 
@@ -131,4 +141,10 @@ class CaptionedImages:
             twin_kind=[self.twin_kind[i] if t >= 0 else "" for i, t in zip(chosen, new_twin)],
             caption_kind=[self.caption_kind[j] for j in kept_captions],
             skipped=list(self.skipped),
+            meta=dict(self.meta),
         )
+
+
+# Clips are the same container with a time axis (``images`` of shape (N, T, H, W, 3)): one class, so
+# subsetting, validation and evaluation are the same code for images and videos.
+CaptionedVideos = CaptionedImages

@@ -19,12 +19,19 @@ PIXEL_MEAN = (0.2, 0.2, 0.2)
 PIXEL_STD = (0.3, 0.3, 0.3)
 
 
-def images_to_tensor(images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 ``(B, H, W, 3)`` images to normalised float ``(B, 3, H, W)`` on ``device``."""
+def images_to_tensor(
+    images: np.ndarray | torch.Tensor,
+    device: str | torch.device = "cpu",
+    mean: tuple[float, float, float] = PIXEL_MEAN,
+    std: tuple[float, float, float] = PIXEL_STD,
+) -> torch.Tensor:
+    """uint8 ``(B, H, W, 3)`` images to normalised float ``(B, 3, H, W)`` on ``device``.
+
+    ``mean``/``std`` are per channel on the [0, 1] scale (a pretrained backbone passes its own)."""
     tensor = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     tensor = tensor.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return (tensor - mean) / std
 
 

@@ -1,0 +1,395 @@
+"""The Slow model: caption tokens cross-attend to a fine grid of visual tokens.
+
+image -> :class:`~fastslow.models.encoders.ConvTower` maps (strides 4, 8, 16: 12x12, 6x6, 3x3 for
+48 px images) -> :class:`ProgressiveUpsampler` (the coarse map, upsampled x2 per step and fused with
+the tower's map at that scale, as in a feature pyramid) -> visual tokens (the final map flattened,
+plus 2-D positions, projected to the decoder width) -> caption decoders (causal self-attention over
+the caption, cross-attention to the visual tokens).
+
+The score of a pair, higher = better match, depends on the training objective:
+
+* ``bidirectional``: mean per-token log-probability of the caption under the forward
+  (left-to-right) decoder plus the same under the backward (right-to-left) decoder. Each mean is
+  taken over the tokens a decoder predicts: the caption's n words and the closing EOS, n + 1 in all.
+  Length normalisation keeps long captions from being penalised for being long; the two directions
+  see every word with the other side's context, so a word that only the words after it explain
+  (a colour named before its shape) still counts.
+* ``forward``: the forward term only.
+* ``itm``: the logit of a binary image-text matching head on the forward decoder's state at the
+  caption's EOS token: under the causal mask that state has seen the whole caption, so it plays
+  the role of a [CLS] token.
+
+Query time (:func:`visual_tokens`, :func:`pair_scores`): the gallery's visual tokens are computed
+once; each call projects the cross-attention keys and values of every image it needs once, and
+computes the image-independent part of each caption (embedding and the first layer's causal
+self-attention) once, however many images the caption is scored against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastslow.config import OBJECTIVES, CrossAttentionConfig
+from fastslow.data.text import WordTokenizer
+from fastslow.models.encoders import build_image_tower, images_to_tensor, trim_padding
+
+PAD_ID = WordTokenizer.pad_id
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per decoder layer
+
+
+def _map_side(image_size: int, stride: int) -> int:
+    """Side of a feature map after ``log2(stride)`` convolutions of stride 2 (kernel 3, padding 1)."""
+    side = image_size
+    for _ in range(int(math.log2(stride))):
+        side = (side + 1) // 2
+    return side
+
+
+class ProgressiveUpsampler(nn.Module):
+    """Start from the tower's coarsest map; each step doubles the resolution and fuses the tower's
+    map at that scale (lateral 1x1 convolution, add, 3x3 convolution), as in a feature pyramid.
+
+    The coarse map holds the most semantic features but blurs small objects together; each step
+    brings back the spatial detail of a finer map, so caption words can attend to a finer grid.
+    ``in_channels`` are the tower's channels, fine to coarse; 0 steps returns the coarse map only.
+    """
+
+    def __init__(self, in_channels: tuple[int, ...], width: int, steps: int):
+        super().__init__()
+        if not 0 <= steps < len(in_channels):
+            raise ValueError(f"upsample_steps must lie in [0, {len(in_channels) - 1}], got {steps}")
+        self.steps = steps
+        self.coarse_lateral = nn.Conv2d(in_channels[-1], width, 1)
+        finer = [in_channels[-2 - i] for i in range(steps)]
+        self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in finer)
+        self.smooths = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU()) for _ in range(steps)
+        )
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """``maps`` fine to coarse, as the tower returns them; returns ``(B, width, h, w)``."""
+        x = self.coarse_lateral(maps[-1])
+        for i, (lateral, smooth) in enumerate(zip(self.laterals, self.smooths)):
+            finer = maps[-2 - i]
+            x = F.interpolate(x, size=finer.shape[-2:], mode="nearest") + lateral(finer)
+            x = smooth(x)
+        return x
+
+
+def _cross_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``(1 or G, heads, M, d)`` queries to ``(G, heads, T, d)`` keys and values.
+
+    Written out rather than the fused kernel: the CPU kernel is slow for these short, narrow heads,
+    and a query shared by all G images (one caption against many) broadcasts here.
+    """
+    weights = (query @ keys.transpose(-2, -1) * query.shape[-1] ** -0.5).softmax(-1)
+    return weights @ values, weights
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer decoder layer: causal self-attention over the caption, cross-attention
+    to the visual tokens, feed-forward.
+
+    Split into a caption-only part (:meth:`self_attention`) and an image-dependent part
+    (:meth:`attend_image`), so a caption scored against many images runs the first part once.
+    Image-dependent states are laid out ``(G, n, L, W)``: G images, each paired with n captions of
+    L tokens (training: n = 1; one caption against a block of images: the caption states are
+    ``(1, n, L, W)`` and broadcast over the images).
+    """
+
+    def __init__(self, width: int, heads: int, ffn_ratio: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.self_norm = nn.LayerNorm(width)
+        self.self_qkv = nn.Linear(width, 3 * width)
+        self.self_out = nn.Linear(width, width)
+        self.cross_norm = nn.LayerNorm(width)
+        self.cross_query = nn.Linear(width, width)
+        self.cross_key_value = nn.Linear(width, 2 * width)
+        self.cross_out = nn.Linear(width, width)
+        self.ffn_norm = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn_ratio * width), nn.GELU(), nn.Linear(ffn_ratio * width, width))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, M, W)`` to ``(B, heads, M, W / heads)``."""
+        batch, length, width = x.shape
+        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        batch, heads, length, head_width = x.shape
+        return x.transpose(1, 2).reshape(batch, length, heads * head_width)
+
+    def self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over ``(..., L, W)`` caption states: each token sees itself and the
+        tokens before it (padding comes after every real token, so the causal mask keeps it out)."""
+        flat = x.reshape(-1, *x.shape[-2:])
+        query, keys, values = (self._split(t) for t in self.self_qkv(self.self_norm(flat)).chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+        return x + self.self_out(self._merge(attended)).view(x.shape)
+
+    def visual_keys_values(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, W)`` visual tokens to this layer's ``(B, heads, T, W / heads)`` keys and values."""
+        keys, values = self.cross_key_value(visual).chunk(2, dim=-1)
+        return self._split(keys), self._split(values)
+
+    def attend_image(
+        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention of ``(1 or G, n, L, W)`` caption states to G images' keys and values,
+        then the feed-forward block. Returns ``(G, n, L, W)`` states and the
+        ``(G, heads, n * L, T)`` attention weights."""
+        groups, captions, length, width = x.shape
+        query = self._split(self.cross_query(self.cross_norm(x)).view(groups, captions * length, width))
+        attended, weights = _cross_attend(query, *keys_values)
+        x = x + self.cross_out(self._merge(attended)).view(len(attended), captions, length, width)
+        return x + self.ffn(self.ffn_norm(x)), weights
+
+
+class CaptionDecoder(nn.Module):
+    """Token and position embeddings, decoder layers, and a next-token head."""
+
+    def __init__(self, vocab_size: int, config: CrossAttentionConfig):
+        super().__init__()
+        width = config.width
+        self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=PAD_ID)
+        self.position_embedding = nn.Parameter(torch.zeros(config.encoder.max_caption_tokens, width))
+        nn.init.normal_(self.position_embedding, std=0.02)
+        self.layers = nn.ModuleList(DecoderLayer(width, config.heads, config.ffn_ratio) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size)
+
+    def visual_keys_values(self, visual: torch.Tensor) -> KeysValues:
+        return [layer.visual_keys_values(visual) for layer in self.layers]
+
+    def caption_states(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The image-independent start, ``(B, L)`` ids to ``(B, L, W)``: embeddings and the first
+        layer's self-attention."""
+        x = self.token_embedding(inputs) + self.position_embedding[: inputs.shape[1]]
+        return self.layers[0].self_attention(x)
+
+    def decode(self, states: torch.Tensor, keys_values: KeysValues) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The image-dependent rest, from ``(1 or G, n, L, W)`` :meth:`caption_states`; returns the
+        final (normalised) ``(G, n, L, W)`` states and each layer's cross-attention weights."""
+        x, weights = self.layers[0].attend_image(states, keys_values[0])
+        all_weights = [weights]
+        for layer, layer_keys_values in zip(self.layers[1:], keys_values[1:]):
+            x, weights = layer.attend_image(layer.self_attention(x), layer_keys_values)
+            all_weights.append(weights)
+        return self.norm(x), all_weights
+
+
+def reverse_captions(tokens: torch.Tensor) -> torch.Tensor:
+    """``[BOS, w1..wn, EOS, PAD..]`` to ``[BOS, wn..w1, EOS, PAD..]``, row by row: what the backward
+    decoder reads."""
+    lengths = tokens.ne(PAD_ID).sum(1, keepdim=True)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    is_word = (positions >= 1) & (positions <= lengths - 2)
+    return tokens.gather(1, torch.where(is_word, lengths - 1 - positions, positions))
+
+
+def teacher_forcing(tokens: torch.Tensor, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A direction's (``left_to_right`` or ``right_to_left``) decoder inputs and next-token targets (padding targets are ``PAD_ID``)."""
+    ordered = tokens if direction == "left_to_right" else reverse_captions(tokens)
+    return ordered[:, :-1], ordered[:, 1:]
+
+
+def mean_token_log_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per caption: the mean log-probability of its target tokens (padding excluded)."""
+    log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    real = targets.ne(PAD_ID)
+    return (log_probs * real).sum(-1) / real.sum(-1).clamp(min=1)
+
+
+class CrossAttentionModel(nn.Module):
+    def __init__(self, vocab_size: int, config: CrossAttentionConfig, image_size: int):
+        super().__init__()
+        if config.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {config.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.objective = config.objective
+        self.image_tower = build_image_tower(config.encoder)
+        self.upsampler = ProgressiveUpsampler(self.image_tower.out_channels, config.width, config.upsample_steps)
+        side = _map_side(image_size, self.image_tower.strides[-1 - config.upsample_steps])
+        self.grid_shape = (side, side)
+        self.row_embedding = nn.Parameter(torch.zeros(side, config.width))
+        self.column_embedding = nn.Parameter(torch.zeros(side, config.width))
+        nn.init.normal_(self.row_embedding, std=0.02)
+        nn.init.normal_(self.column_embedding, std=0.02)
+        self.visual_projection = nn.Linear(config.width, config.width)
+        self.visual_norm = nn.LayerNorm(config.width)
+        self.directions = ("left_to_right", "right_to_left") if config.objective == "bidirectional" else ("left_to_right",)
+        self.decoders = nn.ModuleDict({d: CaptionDecoder(vocab_size, config) for d in self.directions})
+        self.match_head = nn.Linear(config.width, 1) if config.objective == "itm" else None
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(B, 3, H, W)`` images to ``(B, T, W)`` visual tokens (T = grid cells)."""
+        grid = self.upsampler(self.image_tower(images))
+        positions = (self.row_embedding[:, None, :] + self.column_embedding[None, :, :]).flatten(0, 1)
+        return self.visual_norm(self.visual_projection(grid.flatten(2).transpose(1, 2) + positions))
+
+    def visual_keys_values(self, visual: torch.Tensor) -> dict[str, KeysValues]:
+        return {d: decoder.visual_keys_values(visual) for d, decoder in self.decoders.items()}
+
+    def decoder_states(
+        self,
+        direction: str,
+        inputs: torch.Tensor,
+        keys_values: KeysValues,
+        images: torch.Tensor | None = None,
+        captions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One decoder's final ``(G, n, L, W)`` states (and cross-attention weights) for caption
+        rows ``captions[g]`` of ``inputs`` paired with image ``images[g]`` of ``keys_values``.
+
+        ``captions`` is ``(G, n)``, or ``(1, n)`` for the same n captions against every image.
+        Without indices, caption ``i`` goes with image ``i`` (a training batch of matched pairs).
+        The caption-only part runs once per caption, however many images it meets.
+        """
+        decoder = self.decoders[direction]
+        states = decoder.caption_states(inputs)
+        states = states[:, None] if captions is None else states[captions]
+        if images is not None:
+            keys_values = [(keys[images], values[images]) for keys, values in keys_values]
+        return decoder.decode(states, keys_values)
+
+    def score_pairs(
+        self,
+        tokens: torch.Tensor,
+        keys_values: dict[str, KeysValues],
+        images: torch.Tensor,
+        captions: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(G, n)`` scores (see the module docstring) of caption rows ``captions[g]`` of ``tokens``
+        (``[BOS, words, EOS, PAD..]``) against image ``images[g]`` of ``keys_values``
+        (:meth:`visual_keys_values` of the images); ``captions`` may be ``(1, n)`` (every image
+        against the same captions)."""
+        shape = (len(images), captions.shape[1])
+        if self.objective == "itm":
+            states, _ = self.decoder_states("left_to_right", tokens, keys_values["left_to_right"], images, captions)
+            eos = (tokens.ne(PAD_ID).sum(1) - 1)[captions].expand(shape)
+            at_eos = states.gather(2, eos[..., None, None].expand(*shape, 1, states.shape[-1])).squeeze(2)
+            return self.match_head(at_eos).squeeze(-1)
+        total = torch.zeros(shape, device=tokens.device)
+        for direction in self.directions:
+            inputs, targets = teacher_forcing(tokens, direction)
+            states, _ = self.decoder_states(direction, inputs, keys_values[direction], images, captions)
+            logits = self.decoders[direction].head(states)
+            total = total + mean_token_log_prob(logits, targets[captions].expand(*shape, -1))
+        return total
+
+
+@torch.no_grad()
+def visual_tokens(
+    model: CrossAttentionModel, images: np.ndarray, device: str = "cpu", batch_size: int = 256
+) -> torch.Tensor:
+    """``(N, T, W)`` visual tokens of uint8 ``(N, H, W, 3)`` images, left on ``device``: computed
+    once per gallery, then indexed by :func:`pair_scores` for every query."""
+    model.eval()
+    chunks = [
+        model.encode_images(images_to_tensor(images[i : i + batch_size], device))
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def pair_scores(
+    model: CrossAttentionModel,
+    gallery_tokens: torch.Tensor,
+    caption_tokens: torch.Tensor,
+    candidates: torch.Tensor,
+    batch_pairs: int = 2048,
+) -> torch.Tensor:
+    """``(Q, K)`` Slow scores: caption ``q`` against gallery image ``candidates[q, k]``.
+
+    ``gallery_tokens`` are :func:`visual_tokens` of the gallery (indexed, never recomputed);
+    ``caption_tokens`` ``(Q, L)`` token ids. Scoring the whole gallery:
+    ``candidates = torch.arange(N).expand(Q, N)``. Returned on the CPU.
+
+    Cost: the cross-attention keys and values of each image are projected once per call, and each
+    caption's image-independent part once per block of ``batch_pairs`` pairs. Blocks hold captions
+    of similar length (less padding); where a block's captions share their candidates (the whole
+    gallery, a batch against itself) every caption meets each image's keys and values without
+    copying them per pair.
+    """
+    model.eval()
+    device = gallery_tokens.device
+    candidates = torch.as_tensor(candidates, device=device)
+    n_queries, n_candidates = candidates.shape
+    images, candidate_slot = torch.unique(candidates, return_inverse=True)
+    keys_values = model.visual_keys_values(gallery_tokens[images])
+    caption_tokens = caption_tokens.to(device)
+    order = torch.argsort(caption_tokens.ne(PAD_ID).sum(1), stable=True)
+    scores = torch.empty(n_queries, n_candidates)
+    columns_per_batch = min(n_candidates, max(1, math.isqrt(batch_pairs)))
+    queries_per_batch = max(1, batch_pairs // columns_per_batch)
+    for start in range(0, n_queries, queries_per_batch):
+        rows = order[start : start + queries_per_batch]
+        tokens = trim_padding(caption_tokens[rows])
+        captions = torch.arange(len(rows), device=device)
+        for column in range(0, n_candidates, columns_per_batch):
+            slots = candidate_slot[rows, column : column + columns_per_batch]
+            if bool((slots == slots[:1]).all()):  # shared candidates: (images, captions) block
+                block = model.score_pairs(tokens, keys_values, slots[0], captions[None]).T
+            else:  # one pair per group
+                pairs = model.score_pairs(tokens, keys_values, slots.flatten(), captions.repeat_interleave(slots.shape[1])[:, None])
+                block = pairs.view(slots.shape)
+            scores[rows.cpu(), column : column + columns_per_batch] = block.float().cpu()
+    return scores
+
+
+@torch.no_grad()
+def cross_attention_maps(model: CrossAttentionModel, image: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
+    """Where the forward decoder looks while predicting each token of one caption.
+
+    ``image`` uint8 ``(H, W, 3)``, ``tokens`` ``(L,)`` ids; returns ``(layers, predicted tokens, h, w)``
+    cross-attention weights averaged over heads, row ``t`` being the map used to predict token
+    ``t + 1`` (the word after BOS first, EOS last).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = trim_padding(tokens.view(1, -1)).to(device)
+    visual = model.encode_images(images_to_tensor(image[None], device))
+    inputs, _ = teacher_forcing(tokens, "left_to_right")
+    keys_values = model.visual_keys_values(visual)["left_to_right"]
+    _, weights = model.decoder_states("left_to_right", inputs, keys_values)
+    maps = torch.stack([w[0].mean(0) for w in weights])  # (layers, L, T)
+    return maps.view(*maps.shape[:2], *model.grid_shape).cpu()
+
+
+def hard_negative_partners(image_index: torch.Tensor, twin: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each pair of an ITM batch, the batch position whose caption serves as its negative.
+
+    The image's twin (same objects, colours or positions swapped: the hardest negative there is)
+    when the twin is in the batch; otherwise a random other pair of the batch. Twin partners are
+    mutual, so both images of a twin pair get each other's caption as the negative.
+    """
+    batch = len(image_index)
+    random_other = (torch.arange(batch) + torch.randint(1, max(2, batch), (batch,), generator=generator)) % batch
+    position = {int(image): p for p, image in enumerate(image_index.tolist())}
+    twin_position = torch.tensor([position.get(int(twin[int(image)]), -1) for image in image_index.tolist()])
+    return torch.where(twin_position >= 0, twin_position, random_other).to(image_index.device)
+
+
+def keep_twins_together(order: np.ndarray, twin: np.ndarray) -> np.ndarray:
+    """Reorder a shuffled epoch so each image is followed by its twin (at its first appearance):
+    consecutive batches then hold both images of almost every twin pair (a pair is split only when
+    it straddles a batch boundary), which :func:`hard_negative_partners` needs."""
+    placed = np.zeros(len(twin), dtype=bool)
+    grouped = []
+    for image in order:
+        if placed[image]:
+            continue
+        grouped.append(image)
+        placed[image] = True
+        if twin[image] >= 0 and not placed[twin[image]]:
+            grouped.append(twin[image])
+            placed[twin[image]] = True
+    return np.asarray(grouped, dtype=order.dtype)

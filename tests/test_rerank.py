@@ -1,0 +1,78 @@
+"""Fast top-K re-ranked by a Slow scorer: the edge cases that define it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastslow import metrics
+from fastslow.rerank import Reranker, k_values, order_to_scores
+
+
+def _scores(seed: int, queries: int = 12, items: int = 30):
+    generator = torch.Generator().manual_seed(seed)
+    fast = torch.randn(queries, items, generator=generator)
+    slow = torch.randn(queries, items, generator=generator)
+    return fast, slow
+
+
+def _scorer(slow: torch.Tensor, calls: list):
+    def slow_scores(rows: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
+        calls.append(candidates.size)
+        return slow[torch.as_tensor(rows)[:, None], torch.as_tensor(candidates)]
+
+    return slow_scores
+
+
+def test_k_equal_to_the_gallery_gives_the_slow_ranking():
+    fast, slow = _scores(0)
+    reranker = Reranker(fast, _scorer(slow, []), max_k=fast.shape[1])
+    assert torch.equal(reranker.order(fast.shape[1]), slow.argsort(dim=1, descending=True))
+
+
+def test_k_of_one_gives_the_fast_ranking():
+    fast, slow = _scores(1)
+    reranker = Reranker(fast, _scorer(slow, []), max_k=10)
+    assert torch.equal(reranker.order(1), fast.argsort(dim=1, descending=True))
+
+
+def test_alpha_zero_orders_the_top_k_by_slow_and_keeps_the_rest_in_fast_order():
+    fast, slow = _scores(2)
+    k = 7
+    order = Reranker(fast, _scorer(slow, []), max_k=10).order(k, alpha=0.0)
+    fast_order = fast.argsort(dim=1, descending=True)
+    for q in range(len(fast)):
+        top = fast_order[q, :k]
+        assert set(order[q, :k].tolist()) == set(top.tolist())
+        slow_of_reranked = slow[q, order[q, :k]]
+        assert torch.all(slow_of_reranked[:-1] >= slow_of_reranked[1:])
+        assert torch.equal(order[q, k:], fast_order[q, k:])
+
+
+def test_a_large_alpha_returns_to_the_fast_order():
+    fast, slow = _scores(3)
+    order = Reranker(fast, _scorer(slow, []), max_k=10).order(10, alpha=1e6)
+    assert torch.equal(order, fast.argsort(dim=1, descending=True))
+
+
+def test_slow_scores_are_computed_once_for_the_whole_sweep():
+    fast, slow = _scores(4)
+    calls: list[int] = []
+    reranker = Reranker(fast, _scorer(slow, calls), max_k=20)
+    for k in (1, 5, 20):
+        reranker.order(k)
+    assert calls == [fast.shape[0] * 20]
+
+
+def test_order_scores_reproduce_the_ranking_for_the_metrics():
+    fast, _ = _scores(5)
+    order = fast.argsort(dim=1, descending=True)
+    caption_image = np.arange(len(fast)) % fast.shape[1]
+    direct = metrics.retrieval_metrics(fast, caption_image)["t2i"]
+    via_order = metrics.retrieval_metrics(order_to_scores(order), caption_image)["t2i"]
+    assert direct == via_order
+
+
+def test_k_values_end_at_the_gallery_size():
+    assert k_values(30) == [1, 2, 5, 10, 20, 30]
+    assert k_values(1000)[-1] == 1000
