@@ -111,3 +111,20 @@ def split_statistics(splits: dict[str, CaptionedImages], tokenizer) -> pd.DataFr
     frame = pd.DataFrame(rows)
     frame.loc["vocabulary (train)"] = tokenizer.vocab_size
     return frame
+
+
+def mean_std(table: pd.DataFrame, by: list[str], values: tuple[str, ...] = ("R@1", "R@5", "R@10")) -> pd.DataFrame:
+    """``mean ± std`` over seeds of summary rows, as text, with the number of seeds."""
+    grouped = table.groupby(by)
+    frame = pd.DataFrame(
+        {v: grouped[v].mean().round(1).astype(str) + " ± " + grouped[v].std(ddof=1).fillna(0).round(1).astype(str) for v in values}
+    )
+    frame["seeds"] = grouped["seed"].nunique()
+    return frame
+
+
+def newly_right(before: pd.Series, after: pd.Series, captions: list[str], n: int = 8) -> pd.DataFrame:
+    """Queries ranked first by ``after`` but not by ``before`` (text-to-image ranks per query)."""
+    gained = (after == 1) & (before > 1)
+    rows = [{"caption": captions[i], "rank before": int(before[i]), "rank after": 1} for i in np.flatnonzero(gained)[:n]]
+    return pd.DataFrame(rows)

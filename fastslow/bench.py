@@ -56,11 +56,11 @@ def filler_vectors(real: torch.Tensor, count: int, seed: int) -> np.ndarray:
     with the gallery: what matters there is the index's work, not what the items depict.
     """
     rng = np.random.default_rng(seed)
-    real = real.double().numpy()
+    real = real.double().numpy()  # fewer items than dimensions make the covariance singular: eigh copes
     mean, covariance = real.mean(0), np.cov(real, rowvar=False)
     chunks = []
     for start in range(0, count, 100_000):
-        draw = rng.multivariate_normal(mean, covariance, size=min(100_000, count - start), method="cholesky")
+        draw = rng.multivariate_normal(mean, covariance, size=min(100_000, count - start), method="eigh")
         chunks.append((draw / np.linalg.norm(draw, axis=1, keepdims=True)).astype(np.float32))
     return np.concatenate(chunks) if chunks else np.zeros((0, real.shape[1]), dtype=np.float32)
 
@@ -109,3 +109,35 @@ def index_scaling(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def fast_slow_query_ms(fast_model, index, slow_model, gallery_tokens: torch.Tensor, tokens: torch.Tensor, k: int, device: str = "cpu", repeats: int = 3) -> float:
+    """Per-query latency of Fast+Slow: encode the caption, search the top ``k``, score those ``k``
+    with the Slow model against the gallery's cached visual tokens. One query at a time."""
+    from fastslow.index import single_threaded
+    from fastslow.models.cross_attention import pair_scores
+
+    queries = [trim_padding(tokens[i : i + 1]).to(device) for i in range(len(tokens))]
+
+    @torch.no_grad()
+    def run_all() -> None:
+        for query in queries:
+            _, ids = index.search(fast_model.encode_texts(query).cpu(), k)
+            pair_scores(slow_model, gallery_tokens, query, torch.as_tensor(ids))
+
+    with single_threaded():
+        return ms_per_item(run_all, items=len(queries), repeats=repeats)
+
+
+def slow_only_query_ms(slow_model, gallery_tokens: torch.Tensor, tokens: torch.Tensor, device: str = "cpu", repeats: int = 3) -> float:
+    """Per-query latency of the Slow model alone: every gallery image scored for one caption."""
+    from fastslow.models.cross_attention import pair_scores
+
+    everyone = torch.arange(len(gallery_tokens))[None]
+    queries = [trim_padding(tokens[i : i + 1]).to(device) for i in range(len(tokens))]
+
+    def run_all() -> None:
+        for query in queries:
+            pair_scores(slow_model, gallery_tokens, query, everyone)
+
+    return ms_per_item(run_all, items=len(queries), repeats=repeats)

@@ -50,6 +50,7 @@ class DualEncoderConfig:
 
 
 OBJECTIVES = ("bidirectional", "forward", "itm")
+TOWER_INITS = ("dual_encoder", "scratch")
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,28 @@ class CrossAttentionConfig:
     ``objective``: ``bidirectional`` (forward + backward captioning likelihood), ``forward``
     (left-to-right captioning only) or ``itm`` (binary image-text matching with hard negatives).
     ``upsample_steps``: x2 upsampling steps from the tower's coarsest map (0 = coarse map only).
+    ``tower_init``: ``dual_encoder`` starts the image tower from the trained Fast model's (the
+    papers start both models from a pretrained backbone; the ``tiny`` one has no other), ``scratch``
+    from random weights. From scratch the captioning loss learns colours within an epoch but shapes
+    only after many more, which the quick profile's budget does not have.
+    ``train_tower``: fine-tune the tower, or keep it frozen (then Fast and Slow see the same visual
+    features and differ only in how they compare them with the caption; a step costs about half).
+    ``layers``: decoder layers per direction. Everything after the first layer's self-attention
+    runs once per (caption, image) pair, so depth and ``ffn_ratio`` set the cost per pair.
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     upsample_steps: int = 1
     objective: str = "bidirectional"
+    tower_init: str = "dual_encoder"
+    train_tower: bool = False
     width: int = 64
-    layers: int = 2
+    layers: int = 1
     heads: int = 4
-    ffn_ratio: int = 4
+    ffn_ratio: int = 2
     # Early stopping validates retrieval on the first caption of this many validation images: the
     # Slow model scores every pair, so the full validation split would cost more than an epoch.
-    validation_images: int = 200
+    validation_images: int = 150
 
 
 @dataclass(frozen=True)
@@ -85,18 +96,43 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CrossAblationConfig:
+    """Notebook 03's ablations of the Slow model (upsampling steps, training objective): every
+    variant trains with ``train`` (a smaller budget than the main model's, so that all of them fit
+    the profile's time) and is scored on the first ``queries`` headline queries against the whole
+    test gallery; the variants are compared among themselves."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    queries: int = 1000
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Slow -> Fast distillation (:mod:`fastslow.distill`): the student starts from the trained
     dual encoder and is fine-tuned for ``train.epochs`` on fixed hard batches, with a teacher
     ("tfs", "dcd") or without one ("none": the same budget, the control)."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=64, lr=5e-4, patience=3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=64, lr=5e-4, patience=3))
     teacher_temperature: float = 0.1
     tfs_alpha: float = 0.5  # weight of the student's own contrastive loss in TFS
     dcd_alpha: float = 0.2  # the DCD paper's hard-label weight
     dcd_hard_negatives: int = 8  # negatives the teacher keeps per query (the DCD paper keeps 8 of 63)
     dcd_sharpness: float = 2.0
     seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """Fast+Slow re-ranking and its benchmarks (:mod:`fastslow.rerank`, :mod:`fastslow.bench`)."""
+
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)  # candidates for the fast-score weight, chosen on validation
+    alpha_k: int = 10  # the K at which alpha is chosen
+    validation_queries: int = 300
+    large_gallery: int = 5000  # a second, larger test gallery for the speed-up
+    large_gallery_queries: int = 200
+    latency_queries: int = 20
+    scale_sizes: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)
+    approximate_indexes: tuple[tuple[str, str], ...] = (("HNSW", "HNSW16"), ("IVF-PQ", "IVF{nlist},PQ16x4fs"))
 
 
 @dataclass(frozen=True)
@@ -108,6 +144,8 @@ class Profile:
     train_dual: TrainConfig
     distill: DistillConfig
     train_cross: TrainConfig
+    cross_ablation: CrossAblationConfig
+    rerank: RerankConfig
     # Captions per test image used as queries in the comparable ("headline") evaluation. The Slow
     # model scores every (query, image) pair, so its cost sets this number.
     headline_captions_per_image: int
@@ -120,6 +158,8 @@ PROFILES: dict[str, Profile] = {
         train_dual=TrainConfig(epochs=2, batch_size=64, patience=2),
         distill=DistillConfig(train=TrainConfig(epochs=1, batch_size=32, lr=5e-4), seeds=(0, 1)),
         train_cross=TrainConfig(epochs=2, batch_size=64, patience=2),
+        cross_ablation=CrossAblationConfig(TrainConfig(epochs=1, batch_size=64), queries=100),
+        rerank=RerankConfig(validation_queries=50, large_gallery=300, large_gallery_queries=30, latency_queries=5, scale_sizes=(1_000, 10_000)),
         headline_captions_per_image=1,
     ),
     "quick": Profile(
@@ -127,7 +167,9 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(n_train=6000, n_val=500, n_test=1000),
         train_dual=TrainConfig(epochs=10, batch_size=128),
         distill=DistillConfig(),
-        train_cross=TrainConfig(epochs=10, batch_size=128),
+        train_cross=TrainConfig(epochs=8, batch_size=128),
+        cross_ablation=CrossAblationConfig(TrainConfig(epochs=3, batch_size=128), queries=200),
+        rerank=RerankConfig(),
         headline_captions_per_image=1,
     ),
     "full": Profile(
@@ -136,6 +178,8 @@ PROFILES: dict[str, Profile] = {
         train_dual=TrainConfig(epochs=40, batch_size=256, patience=5),
         distill=DistillConfig(train=TrainConfig(epochs=10, batch_size=128, lr=5e-4)),
         train_cross=TrainConfig(epochs=30, batch_size=256, patience=5),
+        cross_ablation=CrossAblationConfig(TrainConfig(epochs=15, batch_size=256, patience=5), queries=1000),
+        rerank=RerankConfig(large_gallery_queries=1000, latency_queries=100, scale_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000)),
         headline_captions_per_image=5,
     ),
 }
@@ -166,6 +210,8 @@ class StudyConfig:
     distill: DistillConfig
     cross: CrossAttentionConfig
     train_cross: TrainConfig
+    cross_ablation: CrossAblationConfig
+    rerank: RerankConfig
     headline_captions_per_image: int
     seed: int = 0
     device: str = "cpu"
@@ -203,6 +249,8 @@ def make_config(
         distill=chosen.distill,
         cross=CrossAttentionConfig(encoder=encoder),
         train_cross=chosen.train_cross,
+        cross_ablation=chosen.cross_ablation,
+        rerank=chosen.rerank,
         headline_captions_per_image=chosen.headline_captions_per_image,
         seed=seed,
         device=device or default_device(),

@@ -67,8 +67,8 @@ def dynamic_sample_weights(teacher_probs: torch.Tensor, progress: float, sharpne
 
 def captioning_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """Teacher-forced captioning loss: next-token cross-entropy averaged over the real (non-padding)
-    target tokens of the batch. ``logits`` is ``(B, L, vocab)``, ``targets`` ``(B, L)``."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id)
+    target tokens of the batch. ``logits`` is ``(..., vocab)``, ``targets`` the matching ``(...)``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id)
 
 
 def itm_bce(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,18 @@ class Session:
         """Add rows to the run's summary table; returns them as a table to show."""
         return results.record(self.run, [{"notebook": self.notebook, **row} for row in rows])
 
-    def record_metrics(self, metrics_by_direction, **keys) -> pd.DataFrame:
+    def record_metrics(self, metrics_by_direction, seed: int | None = None, **keys) -> pd.DataFrame:
         """Summary rows (both directions) for one method's :func:`fastslow.metrics.retrieval_metrics`."""
+        seed = self.config.seed if seed is None else seed
         rows = results.metric_rows(
-            metrics_by_direction, notebook=self.notebook, dataset=self.config.data.dataset, seed=self.config.seed, **keys
+            metrics_by_direction, notebook=self.notebook, dataset=self.config.data.dataset, seed=seed, **keys
         )
         return results.record(self.run, rows)
+
+    def table(self) -> pd.DataFrame:
+        """The rows this notebook has recorded in the run's summary table."""
+        summary = results.read_summary(self.run)
+        return summary[summary["notebook"] == self.notebook].reset_index(drop=True)
 
     def save_figure(self, fig, name: str) -> Path:
         return results.save_figure(fig, self.run, f"{self.notebook}_{name}")

@@ -14,24 +14,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fastslow import distill, metrics
 from fastslow.cache import artifact_path, config_hash, load_or_build
-from fastslow.config import StudyConfig
-from fastslow.data import CaptionedImages, WordTokenizer, load_dataset
+from fastslow.config import TOWER_INITS, StudyConfig
+from fastslow.data import CaptionedImages, WordTokenizer, load_dataset, make_shapes
 from fastslow.data.batches import PairBatches, headline_queries
 from fastslow.losses import captioning_nll, itm_bce, symmetric_info_nce
 from fastslow.models.dual_encoder import DualEncoder, embed_images, embed_texts
 from fastslow.models.cross_attention import (
     CrossAttentionModel,
-    hard_negative_partners,
+    cross_attention_maps,
+    itm_negatives,
     keep_twins_together,
     pair_scores,
     teacher_forcing,
     visual_tokens,
 )
+from fastslow.bench import fast_slow_query_ms, slow_only_query_ms
+from fastslow.bench import index_scaling as bench_index_scaling
+from fastslow.index import VectorIndex
+from fastslow.rerank import Reranker, Searcher, SlowScorer, choose_alpha, k_values
 from fastslow.train import fit
 
 log = logging.getLogger(__name__)
@@ -193,8 +200,13 @@ def distilled_dual_encoder(cfg: StudyConfig, data: Study, method: str, seed: int
 
 def cross_attention_key(cfg: StudyConfig, **variant) -> dict[str, Any]:
     """What a Slow model depends on; ``variant`` overrides fields of ``cfg.cross``
-    (``upsample_steps``, ``objective``), so each ablation variant has its own cache entry."""
-    return {"data": cfg.data, "model": dataclasses.replace(cfg.cross, **variant), "train": cfg.train_cross, "seed": cfg.seed}
+    (``upsample_steps``, ``objective``), so each ablation variant has its own cache entry. A tower
+    started from the dual encoder's adds the dual encoder's own key."""
+    model = dataclasses.replace(cfg.cross, **variant)
+    key = {"data": cfg.data, "model": model, "train": cfg.train_cross, "seed": cfg.seed}
+    if model.tower_init == "dual_encoder":
+        key["tower"] = dual_encoder_key(cfg)
+    return key
 
 
 def cross_attention_scores(
@@ -226,34 +238,52 @@ def cross_attention_validation(data: Study, device: str, n_images: int):
 
 def cross_attention_loss(twin: np.ndarray):
     """The training loss of a Slow model, by its objective: captioning likelihood of the matched
-    pairs (summed over the decoders' directions), or ITM's binary cross-entropy over each matched
-    pair and one hard negative (:func:`~fastslow.models.cross_attention.hard_negative_partners`)."""
+    pairs (token-averaged, summed over the decoders' directions), or ITM's binary cross-entropy
+    over each matched pair, its hard negative and a random one
+    (:func:`~fastslow.models.cross_attention.itm_negatives`; ``twin`` of the training split).
+    """
 
     def loss_fn(model: CrossAttentionModel, batch: dict[str, torch.Tensor], progress: float):
         tokens = batch["tokens"]
         keys_values = model.visual_keys_values(model.encode_images(batch["images"]))
         if model.objective == "itm":
             pairs = torch.arange(len(tokens), device=tokens.device)
-            negatives = hard_negative_partners(batch["image_index"].cpu(), twin).to(tokens.device)
-            logits = model.score_pairs(tokens, keys_values, torch.cat([pairs, pairs]), torch.cat([pairs, negatives])[:, None]).squeeze(1)
-            matches = torch.cat([torch.ones_like(pairs), torch.zeros_like(pairs)])
+            negatives = itm_negatives(batch["image_index"].cpu(), twin).to(tokens.device)
+            logits = model.score_pairs(tokens, keys_values, pairs, torch.cat([pairs[:, None], negatives], 1))
+            matches = torch.zeros_like(logits)
+            matches[:, 0] = 1.0
             return itm_bce(logits, matches)
         losses = {}
         for direction in model.directions:
             inputs, targets = teacher_forcing(tokens, direction)
             states, _ = model.decoder_states(direction, inputs, keys_values[direction])
-            losses[direction] = captioning_nll(model.decoders[direction].head(states), targets)
+            losses[direction] = captioning_nll(model.decoders[direction].head(states), targets[:, None])
         return sum(losses.values()), {f"nll_{d}": v.item() for d, v in losses.items()}
 
     return loss_fn
 
 
 def cross_attention(cfg: StudyConfig, data: Study | None = None, **variant) -> Trained:
-    """The Slow model (``cfg.cross`` with ``variant`` overrides: ``upsample_steps``, ``objective``),
-    trained by ``cfg.train_cross`` and early-stopped on validation RSUM."""
+    """The Slow model (``cfg.cross`` with ``variant`` overrides: ``upsample_steps``, ``objective``,
+    ``tower_init``), trained by ``cfg.train_cross`` and early-stopped on validation RSUM. With
+    ``tower_init="dual_encoder"`` its image tower starts from :func:`dual_encoder`'s (loaded from
+    the cache, or trained first)."""
     data = data or study(cfg)
     model_config = dataclasses.replace(cfg.cross, **variant)
+    if model_config.tower_init not in TOWER_INITS:
+        raise ValueError(f"unknown tower_init {model_config.tower_init!r}; choose one of {', '.join(TOWER_INITS)}")
+    if model_config.tower_init == "dual_encoder" and model_config.encoder != cfg.dual.encoder:
+        raise ValueError("tower_init='dual_encoder' needs the same encoder config for both models")
+    if model_config.tower_init == "scratch" and not model_config.train_tower:
+        raise ValueError("a tower trained from scratch must have train_tower=True")
+    tower = dual_encoder(cfg, data).model.image_tower.state_dict() if model_config.tower_init == "dual_encoder" else None
     train = data.splits["train"]
+
+    def make_model() -> CrossAttentionModel:
+        model = CrossAttentionModel(data.tokenizer.vocab_size, model_config, cfg.data.image_size)
+        if tower is not None:
+            model.image_tower.load_state_dict(tower)
+        return model
 
     def epoch_batches(epoch: int) -> PairBatches:
         batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch)
@@ -264,11 +294,246 @@ def cross_attention(cfg: StudyConfig, data: Study | None = None, **variant) -> T
     return train_or_load(
         "cross_attention",
         cross_attention_key(cfg, **variant),
-        lambda: CrossAttentionModel(data.tokenizer.vocab_size, model_config, cfg.data.image_size),
+        make_model,
         cross_attention_loss(train.twin),
         epoch_batches,
         cross_attention_validation(data, cfg.device, model_config.validation_images),
         cfg.train_cross,
         seed=cfg.seed,
         device=cfg.device,
+    )
+
+
+def cross_attention_variants(
+    cfg: StudyConfig, data: Study, variants: dict[str, dict[str, Any]], queries: np.ndarray, latency_queries: int = 5
+) -> dict[str, dict[str, Any]]:
+    """Train (or load) each named Slow variant and score ``queries`` against the whole test gallery.
+
+    Per variant: its metrics, its cost (ms per query one caption at a time, as
+    :func:`fastslow.bench.slow_only_query_ms` measures it, that divided by the gallery size as the
+    cost per pair, and the pairs per second of the batched evaluation), and its training record.
+    """
+    results = {}
+    for name, variant in variants.items():
+        trained = cross_attention(cfg, data, **variant)
+        gallery = visual_tokens(trained.model, data.test.images, cfg.device)
+        tokens = data.tokens["test"][torch.as_tensor(queries)]
+        started = time.perf_counter()
+        scores = pair_scores(trained.model, gallery, tokens, torch.arange(len(data.test)).expand(len(queries), -1))
+        seconds = time.perf_counter() - started
+        ms = slow_only_query_ms(trained.model, gallery, tokens[:latency_queries], cfg.device)
+        results[name] = {
+            "variant": variant,
+            "metrics": metrics.evaluate(scores, data.test, queries),
+            "ms_per_query": ms,
+            "us_per_pair": 1000.0 * ms / len(data.test),
+            "pairs_per_second_batched": scores.numel() / seconds,
+            "visual_tokens": int(gallery.shape[1]),
+            "train_seconds": trained.train_seconds,
+            "epochs_trained": len(trained.history["epochs"]),
+            "best_validation_rsum": max(e["val_score"] for e in trained.history["epochs"]),
+        }
+    return results
+
+
+def attention_example(model: CrossAttentionModel, data: Study, caption: int) -> dict[str, Any]:
+    """What :func:`fastslow.plots.attention_maps` draws for test caption ``caption``: its image,
+    the tokens the forward decoder predicts, and the last layer's cross-attention map for each."""
+    tokens = data.tokens["test"][caption]
+    image = data.test.images[data.test.caption_image[caption]]
+    maps = cross_attention_maps(model, image, tokens)[-1]
+    predicted = tokens[1 : int(tokens.ne(0).sum())]  # the words, then EOS
+    words = [data.tokenizer.decode([t]) or "<eos>" for t in predicted.tolist()]
+    return {"image": image, "caption": data.test.captions[caption], "words": words, "maps": maps.numpy()}
+
+
+def headline_slow_scores(cfg: StudyConfig, data: Study, slow: Trained) -> torch.Tensor:
+    """The Slow model's scores of the headline queries against the whole test gallery.
+
+    Cached: the Slow-only evaluation (notebook 03) and the re-ranking sweep (notebook 05) share them.
+    """
+    name = f"test-{config_hash(cfg.data)}"
+    return cached_slow_scores(slow, data.test, data.tokens["test"], data.headline_queries(), cfg.device, name)
+
+
+def headline_fast_scores(model: DualEncoder, data: Study, device: str) -> torch.Tensor:
+    """A dual encoder's scores of the headline queries against the whole test gallery."""
+    queries = data.headline_queries()
+    return dual_encoder_scores(model, data.test, data.tokens["test"], device)[queries]
+
+
+def distillation_runs(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> dict[tuple[str, int], Trained]:
+    """Every (method, seed) of the distillation comparison: the control, TFS and DCD."""
+    runs = {}
+    for method in tqdm(distill.METHODS, desc="distillation methods"):
+        for seed in cfg.distill.seeds:
+            runs[method, seed] = distilled_dual_encoder(cfg, data, method, seed, fast, slow)
+    return runs
+
+
+def best_distilled(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> tuple[str, Trained]:
+    """The distilled student (TFS or DCD, first seed) with the better validation RSUM."""
+    students = {m: distilled_dual_encoder(cfg, data, m, cfg.distill.seeds[0], fast, slow) for m in ("tfs", "dcd")}
+    best = max(students, key=lambda m: max(e["val_score"] for e in students[m].history["epochs"]))
+    return distill.METHOD_NAMES[best], students[best]
+
+
+def lookup_scorer(matrix: torch.Tensor) -> SlowScorer:
+    """A Slow scorer reading a precomputed ``(queries, items)`` score matrix."""
+    return lambda rows, candidates: matrix[torch.as_tensor(rows)[:, None], torch.as_tensor(candidates)]
+
+
+def fast_slow_sweep(
+    fast_scores: torch.Tensor, slow_scores: torch.Tensor, split: CaptionedImages, queries: np.ndarray, ks: list[int], alpha: float
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Metrics of Fast+Slow at each K, both directions (text-to-image re-ranks the Fast top-K
+    images of each caption; image-to-text the top-K query captions of each image)."""
+    text_to_image = Reranker(fast_scores, lookup_scorer(slow_scores), max(ks))
+    image_to_text = Reranker(fast_scores.T, lookup_scorer(slow_scores.T), max(ks))
+    sweep = {}
+    for k in ks:
+        t2i = metrics.evaluate(text_to_image.scores(min(k, text_to_image.max_k), alpha), split, queries)["t2i"]
+        i2t = metrics.evaluate(image_to_text.scores(min(k, image_to_text.max_k), alpha).T, split, queries)["i2t"]
+        sweep[k] = {"t2i": t2i, "i2t": i2t}
+    return sweep
+
+
+def choose_rerank_alpha(cfg: StudyConfig, data: Study, first_stage: Trained, slow: Trained) -> tuple[float, dict[float, float]]:
+    """The weight of the Fast score in the re-ranking combination, chosen on validation captions
+    (text-to-image R@1 + R@5 + R@10 at K = ``cfg.rerank.alpha_k``)."""
+    val = data.splits["val"]
+    queries = headline_queries(val, 1)[: cfg.rerank.validation_queries]
+    fast_scores = dual_encoder_scores(first_stage.model, val, data.tokens["val"], cfg.device)[queries]
+    gallery = visual_tokens(slow.model, val.images, cfg.device)
+    query_tokens = data.tokens["val"][torch.as_tensor(queries)]
+
+    def slow_scores(rows: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
+        return pair_scores(slow.model, gallery, query_tokens[torch.as_tensor(rows)], torch.as_tensor(candidates))
+
+    def rating(scores: torch.Tensor) -> float:
+        t2i = metrics.evaluate(scores, val, queries)["t2i"]
+        return t2i["R@1"] + t2i["R@5"] + t2i["R@10"]
+
+    reranker = Reranker(fast_scores, slow_scores, cfg.rerank.alpha_k)
+    return choose_alpha(reranker, rating, cfg.rerank.alpha_k, cfg.rerank.alphas)
+
+
+def large_gallery(cfg: StudyConfig, data: Study) -> tuple[CaptionedImages, torch.Tensor, np.ndarray] | None:
+    """A second, larger test gallery of ``cfg.rerank.large_gallery`` shapes images (its own seed,
+    never trained on), its tokenised captions and its query set; None for datasets without one."""
+    if cfg.data.dataset != "shapes":
+        return None
+    gallery = make_shapes(
+        1, 1, cfg.rerank.large_gallery, image_size=cfg.data.image_size,
+        captions_per_image=cfg.data.captions_per_image, seed=cfg.data.seed + 1000,
+    )["test"]
+    tokens = data.tokenizer.encode(gallery.captions, max_len=cfg.dual.encoder.max_caption_tokens)
+    queries = headline_queries(gallery, 1)[: cfg.rerank.large_gallery_queries]
+    return gallery, tokens, queries
+
+
+def cached_slow_scores(slow: Trained, split: CaptionedImages, tokens: torch.Tensor, queries: np.ndarray, device: str, name: str) -> torch.Tensor:
+    """Slow scores of ``queries`` against all of ``split``, cached under the model and the query set."""
+    key = {"model": slow.config_hash, "gallery": name, "images": len(split), "queries": queries.tolist()}
+    return load_or_build("slow_scores", key, lambda: cross_attention_scores(slow.model, split, tokens, device, queries))
+
+
+def searcher(cfg: StudyConfig, data: Study, first_stage: Trained, slow: Trained, alpha: float = 0.0) -> Searcher:
+    """Interactive search over the test gallery (Fast top-K, Slow re-ranking)."""
+    return Searcher(first_stage.model, slow.model, data.tokenizer, data.test, cfg.device, cfg.dual.encoder.max_caption_tokens, alpha)
+
+
+def fast_index(first_stage: Trained, split: CaptionedImages, device: str, factory: str = "Flat") -> VectorIndex:
+    """A FAISS index of a dual encoder's embeddings of ``split``'s images."""
+    return VectorIndex.build(embed_images(first_stage.model, split.images, device), factory)
+
+
+def operating_points(sweep: pd.DataFrame, slow_ms: float, slow_r1: float, tolerance: float = 1.0) -> pd.DataFrame:
+    """Per Fast+Slow method: the smallest K whose text-to-image R@1 is within ``tolerance`` points
+    of Slow-only, its latency and the speed-up over Slow-only (or the best K if none is)."""
+    rows = {}
+    for method, group in sweep[sweep["direction"] == "t2i"].groupby("method"):
+        group = group.sort_values("K")
+        close = group[group["R@1"] >= slow_r1 - tolerance]
+        chosen = close.iloc[0] if len(close) else group.loc[group["R@1"].idxmax()]
+        rows[method] = {
+            "K": int(chosen["K"]),
+            "R@1": chosen["R@1"],
+            "Slow-only R@1": slow_r1,
+            "within 1 point": bool(len(close)),
+            "ms_per_query": chosen["ms_per_query"],
+            "Slow-only ms_per_query": slow_ms,
+            "speed-up": slow_ms / chosen["ms_per_query"],
+        }
+    return pd.DataFrame(rows).T
+
+
+def large_gallery_sweep(cfg: StudyConfig, data: Study, first_stage: Trained, slow: Trained, alpha: float) -> pd.DataFrame:
+    """The K sweep and the speed-up on :func:`large_gallery`: text-to-image R@1 and latency per K."""
+    gallery, tokens, queries = large_gallery(cfg, data)
+    fast_scores = dual_encoder_scores(first_stage.model, gallery, tokens, cfg.device)[queries]
+    slow_scores = cached_slow_scores(slow, gallery, tokens, queries, cfg.device, name=f"large-{cfg.data.seed + 1000}")
+    ks = k_values(len(gallery), (1, 2, 5, 10, 20, 50, 100))
+    index = fast_index(first_stage, gallery, cfg.device)
+    visual = visual_tokens(slow.model, gallery.images, cfg.device)
+    latency_tokens = tokens[torch.as_tensor(queries[: cfg.rerank.latency_queries])]
+    slow_ms = slow_only_query_ms(slow.model, visual, latency_tokens, cfg.device)
+    rows = []
+    for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks, alpha).items():
+        ms = slow_ms if k == len(gallery) else fast_slow_query_ms(first_stage.model, index, slow.model, visual, latency_tokens, k, cfg.device)
+        rows.append({"gallery_size": len(gallery), "queries": len(queries), "K": k, "R@1": result["t2i"]["R@1"],
+                     "R@5": result["t2i"]["R@5"], "ms_per_query": ms, "speed-up": slow_ms / ms})
+    return pd.DataFrame(rows)
+
+
+def index_scaling(cfg: StudyConfig, data: Study, first_stage: Trained) -> pd.DataFrame:
+    """:func:`fastslow.bench.index_scaling` on the dual encoder's test embeddings, cached."""
+    key = {"model": first_stage.config_hash, "rerank": cfg.rerank, "data": cfg.data}
+
+    def build() -> pd.DataFrame:
+        gallery = embed_images(first_stage.model, data.test.images, cfg.device)
+        queries = data.headline_queries()[: max(20, cfg.rerank.latency_queries)]
+        query_embeddings = embed_texts(first_stage.model, data.tokens["test"][torch.as_tensor(queries)], cfg.device)
+        factories = {"exact": "Flat", **dict(cfg.rerank.approximate_indexes)}
+        return bench_index_scaling(gallery, query_embeddings, cfg.rerank.scale_sizes, factories, seed=cfg.seed)
+
+    return load_or_build("index_scaling", key, build)
+
+
+def latency_by_gallery_size(scaling: pd.DataFrame, slow_ms_per_pair: float, k: int, fast_slow_ms: float) -> pd.DataFrame:
+    """Per-query latency by gallery size: each index measured; Slow-only measured at the real
+    gallery and extrapolated (cost per pair x size) beyond it; Fast+Slow from measured parts (HNSW
+    search at that size + the measured encode-and-score-K cost at the real gallery)."""
+    rows = [
+        {"method": f"Fast ({r.index})", "gallery_size": r.gallery_size, "ms_per_query": r.ms_per_query, "measured": True}
+        for r in scaling.itertuples()
+    ]
+    real_size = int(scaling["gallery_size"].min())
+    exact_at_real = float(scaling[(scaling["index"] == "exact") & (scaling["gallery_size"] == real_size)]["ms_per_query"].iloc[0])
+    encode_and_rerank = max(0.0, fast_slow_ms - exact_at_real)
+    for r in scaling[scaling["index"] == "HNSW"].itertuples():
+        rows.append({"method": f"Fast+Slow (HNSW, K={k})", "gallery_size": r.gallery_size,
+                     "ms_per_query": r.ms_per_query + encode_and_rerank, "measured": r.gallery_size == real_size})
+    for size in sorted(scaling["gallery_size"].unique()):
+        rows.append({"method": "Slow only", "gallery_size": size, "ms_per_query": slow_ms_per_pair * size, "measured": size == real_size})
+    return pd.DataFrame(rows)
+
+
+def billion_scale_arithmetic(scaling: pd.DataFrame, slow_ms_per_pair: float, k: int, items: int = 10**9, shard_size: int = 10**8) -> pd.DataFrame:
+    """What serving ``items`` would take, from the numbers measured at the largest size."""
+    largest = int(scaling["gallery_size"].max())
+    at_largest = scaling[scaling["gallery_size"] == largest].set_index("index")["ms_per_query"]
+    pq_bytes = 16  # IVF-PQ16x4fs stores 16 bytes per item (plus an 8-byte id)
+    shards = -(-items // shard_size)
+    per_shard_ms = at_largest.get("IVF-PQ", float("nan")) * shard_size / largest
+    return pd.DataFrame(
+        {
+            "quantity": [
+                "items", "IVF-PQ memory, all shards (GB)", f"shards of {shard_size:.0e} items", "IVF-PQ search per shard, linear from measured (ms)",
+                f"Slow re-rank of K={k} (ms)", "Slow over every item, one query (hours)",
+            ],
+            "value": [
+                items, items * (pq_bytes + 8) / 1e9, shards, per_shard_ms, k * slow_ms_per_pair, items * slow_ms_per_pair / 3.6e6,
+            ],
+        }
     )

@@ -104,22 +104,155 @@ def recall_bars(table: pd.DataFrame, title: str):
     return grid.figure
 
 
-def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int = 90):
+def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int | None = None):
     """Each clip's frames in a row, left to right in time, under its first caption (and its twin
     kind, when it has a twin). Images (one frame) work too."""
     frames = split.frames
     clips = split.images if split.images.ndim == 5 else split.images[:, None]
-    figsize = (max(1.3 * frames, 6.0), 1.75 * len(indices))
-    fig, axes = plt.subplots(len(indices), frames, figsize=figsize, squeeze=False)
-    for row, index in zip(axes, indices):
-        for t, ax in enumerate(row):
+    width = width or max(28, int(15 * frames))  # caption characters per line: about the row's width
+    fig = plt.figure(figsize=(max(1.3 * frames, 2.6), 1.8 * len(indices)), layout="constrained")
+    # One subfigure per clip, so its caption spans the row without squeezing the first frame.
+    for row, index in zip(np.atleast_1d(fig.subfigures(len(indices), 1)), indices):
+        axes = np.atleast_1d(row.subplots(1, frames))
+        for t, ax in enumerate(axes):
             ax.imshow(clips[index, t], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            ax.set_xlabel(f"t={t}", fontsize=7)
         twin = f" [{split.twin_kind[index]} of {split.twin[index]}]" if split.twin[index] >= 0 else ""
         title = textwrap.fill(f"{index}: {split.captions_of(index)[0]}{twin}", width)
-        row[0].set_title(title, fontsize=8, loc="left")
-    for t, ax in enumerate(axes[-1]):
-        ax.set_xlabel(f"t={t}", fontsize=7)
+        row.suptitle(title, x=0.01, ha="left", fontsize=8)
+    return fig
+
+
+def dynamic_weights(history: dict):
+    """The smallest and largest DCD sample weight of each batch, over training."""
+    steps = pd.DataFrame(history["steps"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for direction in ("t2i", "i2t"):
+        ax.plot(steps["step"], steps[f"weight_max_{direction}"], label=f"largest weight ({direction})")
+        ax.plot(steps["step"], steps[f"weight_min_{direction}"], linestyle="--", label=f"smallest weight ({direction})")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set(xlabel="step", ylabel="sample weight (batch mean = 1)", title="DCD dynamic weights over training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def speed_accuracy(points: pd.DataFrame, title: str = "speed and accuracy"):
+    """Text-to-image R@1 against per-query latency (log scale); one marker per method and K.
+
+    ``points`` has columns method, K (may be empty), ms_per_query, R@1, and optionally ``group``
+    (e.g. the dataset or gallery): then the colour says the method and the marker and line the
+    group. With many series the legend goes beside the axes, so it hides no point; with no points
+    the figure says so.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    if points.empty:
+        ax.text(0.5, 0.5, "no timed rows yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set(xlabel="milliseconds per query (log)", ylabel="text-to-image R@1 (%)", title=title)
+        return fig
+    points = points if "group" in points else points.assign(group="")
+    colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(points["method"]))}
+    styles = {g: (marker, line) for g, marker, line in zip(dict.fromkeys(points["group"]), "osD^v<>", ["-", "--", ":", "-."] * 2)}
+    for (group_name, method), group in points.groupby(["group", "method"], sort=False):
+        group = group.sort_values("ms_per_query")
+        marker, line = styles[group_name]
+        label = f"{method} · {group_name}" if group_name else method
+        ax.plot(group["ms_per_query"], group["R@1"], marker=marker, color=colours[method], label=label, linestyle=line if len(group) > 1 else "")
+        for _, row in group.iterrows():
+            if pd.notna(row.get("K")):
+                ax.annotate(f"K={int(row['K'])}", (row["ms_per_query"], row["R@1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="milliseconds per query (log)", ylabel="text-to-image R@1 (%)", title=title)
+    beside = {"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if len(ax.get_lines()) > 5 else {}
+    ax.legend(fontsize=8, **beside)
+    fig.tight_layout()
+    return fig
+
+
+def scaling(latency: pd.DataFrame, title: str = "per-query latency against gallery size"):
+    """Log-log latency per method against gallery size; dashed where extrapolated.
+
+    ``latency`` has columns method, gallery_size, ms_per_query, measured (bool).
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for method, group in latency.groupby("method", sort=False):
+        group = group.sort_values("gallery_size")
+        line = ax.plot(group["gallery_size"], group["ms_per_query"], marker="o", label=method)[0]
+        estimated = group[~group["measured"]]
+        if len(estimated):
+            ax.plot(estimated["gallery_size"], estimated["ms_per_query"], marker="x", linestyle="", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="gallery size (items)", ylabel="milliseconds per query", title=f"{title}\n(x: extrapolated from the measured cost per pair)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def search_results(gallery: CaptionedImages, query: str, results: pd.DataFrame):
+    """The top images for one query before (Fast) and after (Fast+Slow) re-ranking."""
+    k = len(results)
+    fig, axes = plt.subplots(2, k, figsize=(1.8 * k, 4.2), squeeze=False)
+    for row, (column, label) in enumerate((("fast_image", "Fast"), ("fast_slow_image", "Fast+Slow"))):
+        for j, image in enumerate(results[column]):
+            axes[row, j].imshow(gallery.images[image], interpolation="nearest")
+            axes[row, j].set_xticks([])
+            axes[row, j].set_yticks([])
+        axes[row, 0].set_ylabel(label)
+    fig.suptitle(f"query: {query!r}")
+    fig.tight_layout()
+    return fig
+
+
+def search_widget(searcher, gallery: CaptionedImages, query: str, k: int = 5):
+    """A text box that shows the top images before and after re-ranking as you search.
+
+    Without a widget front-end (papermill, nbval) the box renders as text and the static figure of
+    the same search is the cell's output instead.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    box = widgets.Text(value=query, description="query", layout=widgets.Layout(width="70%"))
+    output = widgets.Output()
+
+    def show(change=None) -> None:
+        output.clear_output(wait=True)
+        with output:
+            try:
+                results = searcher.search(box.value, k=k)
+            except ValueError as error:
+                print(error)
+                return
+            display(search_results(gallery, box.value, results))
+            plt.close("all")
+
+    box.on_submit(show)
+    show()
+    return widgets.VBox([box, output])
+
+
+def attention_maps(examples: Sequence[dict], max_words: int = 9):
+    """Cross-attention over the image, word by word: one row per caption.
+
+    Each example has ``image`` (uint8 ``(H, W, 3)``), ``caption``, ``words`` (the predicted tokens)
+    and ``maps`` (``(len(words), h, w)`` attention weights, each summing to 1); each map is drawn
+    over the image, stretched to its size, under the word it helped predict.
+    """
+    columns = 1 + min(max_words, max(len(e["words"]) for e in examples))
+    fig, axes = plt.subplots(len(examples), columns, figsize=(1.5 * columns, 1.75 * len(examples)), squeeze=False)
+    for row, example in zip(axes, examples):
+        image = example["image"]
+        height, width = image.shape[:2]
+        for ax in row:
+            ax.axis("off")
+        row[0].imshow(image, interpolation="nearest")
+        row[0].set_title(textwrap.fill(example["caption"], 22), fontsize=7, loc="left")
+        for ax, word, weights in zip(row[1:], example["words"], example["maps"]):
+            ax.imshow(image, interpolation="nearest")
+            ax.imshow(np.asarray(weights), cmap="inferno", alpha=0.6, extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+            ax.set_title(word, fontsize=8)
     fig.tight_layout()
     return fig

@@ -83,3 +83,44 @@ def choose_alpha(reranker: Reranker, evaluate: Callable[[torch.Tensor], float], 
 def k_values(gallery_size: int, ks: Sequence[int] = (1, 2, 5, 10, 20, 50, 100, 200, 500)) -> list[int]:
     """The K sweep: the standard values below the gallery size, then the gallery size itself."""
     return [k for k in ks if k < gallery_size] + [gallery_size]
+
+
+class Searcher:
+    """Text search over one gallery: Fast top-K from a FAISS index, then the Slow model's order."""
+
+    def __init__(self, fast_model, slow_model, tokenizer, gallery, device: str = "cpu", max_tokens: int = 24, alpha: float = 0.0):
+        from fastslow.index import VectorIndex
+        from fastslow.models.cross_attention import visual_tokens
+        from fastslow.models.dual_encoder import embed_images
+
+        self.fast_model, self.slow_model, self.tokenizer = fast_model, slow_model, tokenizer
+        self.gallery, self.device, self.max_tokens, self.alpha = gallery, device, max_tokens, alpha
+        self.index = VectorIndex.build(embed_images(fast_model, gallery.images, device))
+        self.visual_tokens = visual_tokens(slow_model, gallery.images, device)
+
+    @torch.no_grad()
+    def search(self, query: str, k: int = 5, rerank_k: int = 20):
+        """The top ``k`` images before (Fast) and after (Fast+Slow) re-ranking the Fast top ``rerank_k``."""
+        import pandas as pd
+
+        from fastslow.models.cross_attention import pair_scores
+
+        if not query.strip():
+            raise ValueError("the query is empty: type a caption to search for")
+        tokens = self.tokenizer.encode([query], max_len=self.max_tokens).to(self.device)
+        fast_top, ids = self.index.search(self.fast_model.encode_texts(tokens).cpu(), rerank_k)
+        slow_top = pair_scores(self.slow_model, self.visual_tokens, tokens, torch.as_tensor(ids))
+        order = combine(slow_top, torch.as_tensor(fast_top), self.alpha).argsort(dim=1, descending=True, stable=True)[0]
+        rows = []
+        for rank in range(min(k, ids.shape[1])):
+            after = int(order[rank])
+            rows.append(
+                {
+                    "rank": rank + 1,
+                    "fast_image": int(ids[0, rank]),
+                    "fast_score": float(fast_top[0, rank]),
+                    "fast_slow_image": int(ids[0, after]),
+                    "slow_score": float(slow_top[0, after]),
+                }
+            )
+        return pd.DataFrame(rows)

@@ -134,8 +134,10 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, (pd.DataFrame, pd.Series)):
-        return value.to_dict()
+    if isinstance(value, pd.DataFrame):
+        return value.reset_index().to_dict("records")
+    if isinstance(value, pd.Series):
+        return {str(k): v for k, v in value.items()}
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 

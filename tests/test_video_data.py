@@ -356,5 +356,5 @@ def test_clip_strip_draws_each_clip_in_a_row_under_its_first_caption(clips):
     test = clips["test"]
     fig = clip_strip(test, [0, 5])
     assert len(fig.axes) == 2 * test.frames
-    assert test.captions_of(5)[0] in fig.axes[test.frames].get_title(loc="left").replace("\n", " ")
+    assert test.captions_of(5)[0] in fig.subfigs[1].get_suptitle().replace("\n", " ")
     plt.close(fig)

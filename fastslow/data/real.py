@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ KARPATHY_IMAGE_DIRS = ("images", "flickr30k-images", "Flicker8k_Dataset", "Flick
 
 # Names of splits and columns in HF datasets.
 HF_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
-HF_SPLIT_VALUES = {"train": "train", "restval": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
+HF_SPLIT_VALUES = {
+    "train": "train", "restval": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"
+}
 HF_IMAGE_COLUMNS = ("image", "img", "jpg")
 HF_CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "raw")
 HF_ID_COLUMNS = ("filename", "file_name", "image_id", "img_id", "cocoid", "imgid", "id")
@@ -285,7 +288,7 @@ def _hf_splits(loaded: Any, source: str) -> dict[str, Any]:
     available = list(loaded)
     if len(available) == 1 and "split" in loaded[available[0]].column_names:
         only = loaded[available[0]]
-        values = only["split"]
+        values = [str(value) for value in only["split"]]
         unknown = sorted(set(values) - set(HF_SPLIT_VALUES))
         if unknown:
             raise ValueError(f"{source}: unknown values in the 'split' column: {unknown}")
@@ -349,8 +352,13 @@ def _load_hf_split(
 
 
 def _hf_image_paths(cells: Sequence[Any]) -> list[str]:
-    """Ids from undecoded image cells: the file's path where there is one, else the row number."""
-    return [str(cell.get("path") or row) if isinstance(cell, dict) else str(row) for row, cell in enumerate(cells)]
+    """Ids from undecoded image cells: the file's path below the folder all of them share, where the
+    cells have paths (an imagefolder's do), else the row number."""
+    paths = [cell.get("path") if isinstance(cell, dict) else None for cell in cells]
+    if not all(paths):
+        return [str(row) for row in range(len(cells))]
+    base = os.path.commonpath([os.path.dirname(path) for path in paths])
+    return [os.path.relpath(path, base) for path in paths]
 
 
 def _hf_image_source(cell: Any) -> ImageSource:

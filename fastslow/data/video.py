@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastslow.data.shapes import (
+    RADIUS_RANGE,
+    _CaptionChoices,
     _noun_phrase,
     _pair_twins,
     _render,
     _sample_caption_choices,
     _sample_scenes,
-    RADIUS_RANGE,
-    _CaptionChoices,
     _Scenes,
     split_generator,
     words_of,

@@ -20,14 +20,15 @@ The score of a pair, higher = better match, depends on the training objective:
   the role of a [CLS] token.
 
 Query time (:func:`visual_tokens`, :func:`pair_scores`): the gallery's visual tokens are computed
-once; each call projects the cross-attention keys and values of every image it needs once, and
-computes the image-independent part of each caption (embedding and the first layer's causal
-self-attention) once, however many images the caption is scored against.
+once; the cross-attention keys and values of each image are projected once per call (once per
+gallery when a call covers all of it), and the image-independent part of each caption (embedding
+and the first layer's causal self-attention) once, however many images the caption meets.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from fastslow.models.encoders import build_image_tower, images_to_tensor, trim_p
 
 PAD_ID = WordTokenizer.pad_id
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per decoder layer
+POSITION_INIT_STD = 0.1
 
 
 def _map_side(image_size: int, stride: int) -> int:
@@ -63,7 +65,6 @@ class ProgressiveUpsampler(nn.Module):
         super().__init__()
         if not 0 <= steps < len(in_channels):
             raise ValueError(f"upsample_steps must lie in [0, {len(in_channels) - 1}], got {steps}")
-        self.steps = steps
         self.coarse_lateral = nn.Conv2d(in_channels[-1], width, 1)
         finer = [in_channels[-2 - i] for i in range(steps)]
         self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in finer)
@@ -159,9 +160,14 @@ class CaptionDecoder(nn.Module):
     def __init__(self, vocab_size: int, config: CrossAttentionConfig):
         super().__init__()
         width = config.width
+        # Tokens and positions start at the same small scale (as in GPT-2), so word order counts
+        # from the first step (torch's default N(0, 1) tokens would dwarf the positions).
         self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=PAD_ID)
         self.position_embedding = nn.Parameter(torch.zeros(config.encoder.max_caption_tokens, width))
-        nn.init.normal_(self.position_embedding, std=0.02)
+        for weight in (self.token_embedding.weight, self.position_embedding):
+            nn.init.normal_(weight, std=0.02)
+        with torch.no_grad():
+            self.token_embedding.weight[PAD_ID].zero_()
         self.layers = nn.ModuleList(DecoderLayer(width, config.heads, config.ffn_ratio) for _ in range(config.layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size)
@@ -196,7 +202,8 @@ def reverse_captions(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_forcing(tokens: torch.Tensor, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A direction's (``left_to_right`` or ``right_to_left``) decoder inputs and next-token targets (padding targets are ``PAD_ID``)."""
+    """A direction's (``left_to_right`` or ``right_to_left``) decoder inputs and next-token
+    targets (padding targets are ``PAD_ID``)."""
     ordered = tokens if direction == "left_to_right" else reverse_captions(tokens)
     return ordered[:, :-1], ordered[:, 1:]
 
@@ -209,24 +216,38 @@ def mean_token_log_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 class CrossAttentionModel(nn.Module):
+    """Image tower, progressive upsampler, visual tokens, and one caption decoder per reading
+    direction (two for ``bidirectional``, the forward one otherwise), plus a match head for ``itm``."""
+
     def __init__(self, vocab_size: int, config: CrossAttentionConfig, image_size: int):
         super().__init__()
         if config.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {config.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.objective = config.objective
         self.image_tower = build_image_tower(config.encoder)
+        self.train_tower = config.train_tower
+        self.image_tower.requires_grad_(config.train_tower)
         self.upsampler = ProgressiveUpsampler(self.image_tower.out_channels, config.width, config.upsample_steps)
         side = _map_side(image_size, self.image_tower.strides[-1 - config.upsample_steps])
         self.grid_shape = (side, side)
+        # Positions at about the scale of the grid's features (0.1-0.4 at initialisation), so where
+        # things are is visible from the first step.
         self.row_embedding = nn.Parameter(torch.zeros(side, config.width))
         self.column_embedding = nn.Parameter(torch.zeros(side, config.width))
-        nn.init.normal_(self.row_embedding, std=0.02)
-        nn.init.normal_(self.column_embedding, std=0.02)
+        nn.init.normal_(self.row_embedding, std=POSITION_INIT_STD)
+        nn.init.normal_(self.column_embedding, std=POSITION_INIT_STD)
         self.visual_projection = nn.Linear(config.width, config.width)
         self.visual_norm = nn.LayerNorm(config.width)
         self.directions = ("left_to_right", "right_to_left") if config.objective == "bidirectional" else ("left_to_right",)
         self.decoders = nn.ModuleDict({d: CaptionDecoder(vocab_size, config) for d in self.directions})
         self.match_head = nn.Linear(config.width, 1) if config.objective == "itm" else None
+
+    def train(self, mode: bool = True) -> CrossAttentionModel:
+        """A frozen tower stays in evaluation mode: its batch-norm statistics are part of it."""
+        super().train(mode)
+        if not self.train_tower:
+            self.image_tower.eval()
+        return self
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised ``(B, 3, H, W)`` images to ``(B, T, W)`` visual tokens (T = grid cells)."""
@@ -299,6 +320,28 @@ def visual_tokens(
     return torch.cat(chunks)
 
 
+# id(gallery tensor) -> (stamp, keys and values); an entry goes when its tensor is freed.
+_GALLERY_KEYS_VALUES: dict[int, tuple[tuple, dict[str, KeysValues]]] = {}
+
+
+def gallery_keys_values(model: CrossAttentionModel, gallery_tokens: torch.Tensor) -> dict[str, KeysValues]:
+    """Every gallery image's cross-attention keys and values, projected once and kept as long as the
+    gallery tensor lives: one caption against the whole gallery (Slow-only search) then costs the
+    decoder passes alone, as it would in a deployment that stores them beside the visual tokens.
+
+    Recomputed when the gallery tensor or any of the model's weights changed in place since.
+    """
+    key = id(gallery_tokens)
+    stamp = (id(model), gallery_tokens._version, tuple(p._version for p in model.parameters()))
+    cached = _GALLERY_KEYS_VALUES.get(key)
+    if cached is None or cached[0] != stamp:
+        if cached is None:
+            weakref.finalize(gallery_tokens, _GALLERY_KEYS_VALUES.pop, key, None)
+        cached = (stamp, model.visual_keys_values(gallery_tokens))
+        _GALLERY_KEYS_VALUES[key] = cached
+    return cached[1]
+
+
 @torch.no_grad()
 def pair_scores(
     model: CrossAttentionModel,
@@ -313,7 +356,8 @@ def pair_scores(
     ``caption_tokens`` ``(Q, L)`` token ids. Scoring the whole gallery:
     ``candidates = torch.arange(N).expand(Q, N)``. Returned on the CPU.
 
-    Cost: the cross-attention keys and values of each image are projected once per call, and each
+    Cost: the cross-attention keys and values of the candidate images are projected once per call
+    (once per gallery when the candidates cover all of it: :func:`gallery_keys_values`), and each
     caption's image-independent part once per block of ``batch_pairs`` pairs. Blocks hold captions
     of similar length (less padding); where a block's captions share their candidates (the whole
     gallery, a batch against itself) every caption meets each image's keys and values without
@@ -324,12 +368,16 @@ def pair_scores(
     candidates = torch.as_tensor(candidates, device=device)
     n_queries, n_candidates = candidates.shape
     images, candidate_slot = torch.unique(candidates, return_inverse=True)
-    keys_values = model.visual_keys_values(gallery_tokens[images])
+    if len(images) == len(gallery_tokens):  # every image: unique() sorted them, slot = image
+        keys_values = gallery_keys_values(model, gallery_tokens)
+    else:
+        keys_values = model.visual_keys_values(gallery_tokens[images])
     caption_tokens = caption_tokens.to(device)
     order = torch.argsort(caption_tokens.ne(PAD_ID).sum(1), stable=True)
     scores = torch.empty(n_queries, n_candidates)
-    columns_per_batch = min(n_candidates, max(1, math.isqrt(batch_pairs)))
-    queries_per_batch = max(1, batch_pairs // columns_per_batch)
+    # Blocks about square (each image's keys and values serve many captions), wider for few queries.
+    queries_per_batch = min(n_queries, max(1, math.isqrt(batch_pairs), batch_pairs // n_candidates))
+    columns_per_batch = min(n_candidates, max(1, batch_pairs // queries_per_batch))
     for start in range(0, n_queries, queries_per_batch):
         rows = order[start : start + queries_per_batch]
         tokens = trim_padding(caption_tokens[rows])
@@ -364,24 +412,29 @@ def cross_attention_maps(model: CrossAttentionModel, image: np.ndarray, tokens: 
     return maps.view(*maps.shape[:2], *model.grid_shape).cpu()
 
 
-def hard_negative_partners(image_index: torch.Tensor, twin: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each pair of an ITM batch, the batch position whose caption serves as its negative.
+def itm_negatives(image_index: torch.Tensor, twin: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(B, 2)`` batch positions whose captions serve as each pair's two ITM negatives.
 
-    The image's twin (same objects, colours or positions swapped: the hardest negative there is)
-    when the twin is in the batch; otherwise a random other pair of the batch. Twin partners are
-    mutual, so both images of a twin pair get each other's caption as the negative.
+    Column 0, the hard one: the image's twin (same objects, colours or positions swapped: the
+    hardest negative there is) when the twin is in the batch, otherwise a random other pair. Column
+    1, a random other pair of the batch: with twin negatives alone the head would have to learn
+    binding before it could learn anything, and it learns slowly.
     """
     batch = len(image_index)
-    random_other = (torch.arange(batch) + torch.randint(1, max(2, batch), (batch,), generator=generator)) % batch
+
+    def random_other() -> torch.Tensor:
+        return (torch.arange(batch) + torch.randint(1, max(2, batch), (batch,), generator=generator)) % batch
+
     position = {int(image): p for p, image in enumerate(image_index.tolist())}
     twin_position = torch.tensor([position.get(int(twin[int(image)]), -1) for image in image_index.tolist()])
-    return torch.where(twin_position >= 0, twin_position, random_other).to(image_index.device)
+    hard = torch.where(twin_position >= 0, twin_position, random_other())
+    return torch.stack([hard, random_other()], 1).to(image_index.device)
 
 
 def keep_twins_together(order: np.ndarray, twin: np.ndarray) -> np.ndarray:
     """Reorder a shuffled epoch so each image is followed by its twin (at its first appearance):
     consecutive batches then hold both images of almost every twin pair (a pair is split only when
-    it straddles a batch boundary), which :func:`hard_negative_partners` needs."""
+    it straddles a batch boundary), which :func:`itm_negatives` needs."""
     placed = np.zeros(len(twin), dtype=bool)
     grouped = []
     for image in order:

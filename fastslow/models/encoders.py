@@ -103,5 +103,5 @@ class TextTransformer(nn.Module):
 
 def build_image_tower(config: EncoderConfig) -> ConvTower:
     if config.backbone != "tiny":
-        raise ValueError(f"backbone {config.backbone!r} has no trainable image tower here; use 'tiny'")
+        raise ValueError(f"backbone {config.backbone!r}: the Fast and Slow heads on frozen pretrained features are not wired in yet (see README); use backbone='tiny'")
     return ConvTower(config.channels)
