@@ -114,6 +114,22 @@ def split_generator(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode())])
 
 
+def check_generator_arguments(
+    split_sizes: tuple[int, int, int], image_size: int, captions_per_item: int, twin_fraction: float, captions_argument: str
+) -> dict[str, int]:
+    """Validate the arguments every generated dataset shares; returns ``{split: size}``."""
+    sizes = dict(zip(SPLITS, split_sizes))
+    if any(n < 0 for n in sizes.values()):
+        raise ValueError(f"n_train, n_val and n_test must be >= 0, got {sizes}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 (two big objects side by side), got {image_size}")
+    if captions_per_item < 1:
+        raise ValueError(f"{captions_argument} must be >= 1, got {captions_per_item}")
+    if not 0.0 <= twin_fraction <= 1.0:
+        raise ValueError(f"twin_fraction must lie in [0, 1], got {twin_fraction}")
+    return sizes
+
+
 def make_shapes(
     n_train: int,
     n_val: int,
@@ -127,15 +143,9 @@ def make_shapes(
 
     ``twin_fraction`` of each split's images come in near-duplicate pairs at indices (2k, 2k+1).
     """
-    sizes = dict(zip(SPLITS, (n_train, n_val, n_test)))
-    if any(n < 0 for n in sizes.values()):
-        raise ValueError(f"n_train, n_val and n_test must be >= 0, got {sizes}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 (two big objects side by side), got {image_size}")
-    if captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
-    if not 0.0 <= twin_fraction <= 1.0:
-        raise ValueError(f"twin_fraction must lie in [0, 1], got {twin_fraction}")
+    sizes = check_generator_arguments(
+        (n_train, n_val, n_test), image_size, captions_per_image, twin_fraction, "captions_per_image"
+    )
     return {
         split: _make_split(
             split, n, image_size, captions_per_image, twin_fraction, split_generator(seed, split)

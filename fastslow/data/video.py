@@ -37,6 +37,7 @@ from fastslow.data.shapes import (
     _sample_caption_choices,
     _sample_scenes,
     _Scenes,
+    check_generator_arguments,
     split_generator,
     words_of,
 )
@@ -121,17 +122,11 @@ def make_shapes_video(
 
     ``twin_fraction`` of each split's clips come in near-duplicate pairs at indices (2k, 2k+1).
     """
-    sizes = dict(zip(SPLITS, (n_train, n_val, n_test)))
-    if any(n < 0 for n in sizes.values()):
-        raise ValueError(f"n_train, n_val and n_test must be >= 0, got {sizes}")
+    sizes = check_generator_arguments(
+        (n_train, n_val, n_test), image_size, captions_per_clip, twin_fraction, "captions_per_clip"
+    )
     if frames < 3:
         raise ValueError(f"frames must be >= 3 (one object moves, then the other), got {frames}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 (two big objects and their paths), got {image_size}")
-    if captions_per_clip < 1:
-        raise ValueError(f"captions_per_clip must be >= 1, got {captions_per_clip}")
-    if not 0.0 <= twin_fraction <= 1.0:
-        raise ValueError(f"twin_fraction must lie in [0, 1], got {twin_fraction}")
     # "video-" keeps these generators apart from the still ``shapes`` splits of the same seed.
     generators = {split: split_generator(seed, f"video-{split}") for split in SPLITS}
     return {
