@@ -30,6 +30,11 @@ __all__ = [
 VIDEO_DATASETS = ("vatex", "msrvtt")
 
 
+def split_caps(config: DataConfig) -> dict[str, int]:
+    """The profile's size of each split: the number generated, or at most the number read."""
+    return {"train": config.n_train, "val": config.n_val, "test": config.n_test}
+
+
 @functools.lru_cache(maxsize=4)
 def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
     """The splits ``config`` names (cached in memory: notebooks ask for them several times)."""
@@ -48,8 +53,7 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
     if config.dataset in REAL_DATASETS:
         # The profile's split sizes cap the real splits (a seeded subset), so smoke and quick runs stay
         # small; a split smaller than its cap is used whole.
-        caps = {"train": config.n_train, "val": config.n_val, "test": config.n_test}
-        return load_real_dataset(config.dataset, config.data_dir, config.image_size, caps, config.seed)
+        return load_real_dataset(config.dataset, config.data_dir, config.image_size, split_caps(config), config.seed)
     if config.dataset == "shapes-video":
         return make_shapes_video(
             config.n_train,
@@ -63,9 +67,8 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
     if config.dataset in VIDEO_DATASETS:
         # The profile's split sizes cap the clips read: the first ones of each split's captions file.
         root = Path(config.data_dir or "")
-        caps = {"train": config.n_train, "val": config.n_val, "test": config.n_test}
         return {
             split: load_video_captions(root, split, config.frames, config.image_size, max_clips=cap)
-            for split, cap in caps.items()
+            for split, cap in split_caps(config).items()
         }
     raise ValueError(f"dataset {config.dataset!r} has no loader yet")
