@@ -4,6 +4,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER_DIR="$PWD"
 cd "$REPO"
 
 PROFILES="smoke quick full"
@@ -88,6 +89,10 @@ while (($#)); do
             [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die_usage "bad parameter name '$2'"
             if [[ "$2" == profile ]]; then
                 profile="$3"
+            elif [[ "$2" == data_dir && "$3" != /* && -e "$CALLER_DIR/$3" ]]; then
+                # Notebooks run from notebooks/: a path relative to where the user stands is
+                # passed on as an absolute one.
+                keys+=("$2"); vals+=("$(cd "$CALLER_DIR/$3" && pwd)")
             else
                 keys+=("$2"); vals+=("$3")
             fi

@@ -21,6 +21,7 @@ def twin_preferences(scores, split: CaptionedImages, queries: np.ndarray | None 
     (all captions, in order, when ``queries`` is None).
     """
     scores = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    columns = ["caption", "caption_index", "image", "twin", "kind", "own_score", "twin_score", "rank_of_own", "prefers_own"]
     queries = np.arange(split.num_captions) if queries is None else np.asarray(queries)
     rows = []
     for row, caption in enumerate(queries):
@@ -42,7 +43,7 @@ def twin_preferences(scores, split: CaptionedImages, queries: np.ndarray | None 
                 "prefers_own": bool(own_score > twin_score),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)  # no rows for data without twins (real photographs)
 
 
 def twin_accuracy(preferences: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -50,7 +51,7 @@ def twin_accuracy(preferences: dict[str, pd.DataFrame]) -> pd.DataFrame:
     table = {
         method: pref.groupby("kind")["prefers_own"].mean().mul(100).round(1) for method, pref in preferences.items()
     }
-    frame = pd.DataFrame(table).T
+    frame = pd.DataFrame(table, index=sorted({k for p in preferences.values() for k in p["kind"]})).T
     frame["all"] = pd.Series({m: 100 * p["prefers_own"].mean() for m, p in preferences.items()}).round(1)
     frame.index.name = "method"
     return frame

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 DATASETS = ("shapes", "shapes-video", "folder", "flickr8k", "flickr30k", "coco", "vatex", "msrvtt")
+GENERATED_DATASETS = ("shapes", "shapes-video")  # made by the package, no data_dir
+VIDEO_DATASETS = ("shapes-video", "vatex", "msrvtt")
 BACKBONES = ("tiny", "pretrained")
+# EfficientNet-Lite0's ImageNet input size: the pretrained backbone sees images at this size.
+PRETRAINED_IMAGE_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class EncoderConfig:
     text_layers: int = 2
     heads: int = 4
     max_caption_tokens: int = 24
+    # Words seen fewer times in the training captions become <unk> (real captions have a long tail
+    # of rare words; 5 is the threshold of the Karpathy-split preprocessing). The generated data's
+    # vocabulary is small and every word is frequent.
+    min_word_count: int = 1
+    pretrained_text_width: int = 384  # MiniLM-L6's sentence embedding (backbone "pretrained")
 
 
 @dataclass(frozen=True)
@@ -236,11 +245,15 @@ def make_config(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    if dataset not in ("shapes", "shapes-video") and not data_dir:
+    if dataset not in GENERATED_DATASETS and not data_dir:
         raise ValueError(f"dataset {dataset!r} needs data_dir: the folder that holds it")
+    if backbone == "pretrained" and dataset in VIDEO_DATASETS:
+        raise ValueError(f"backbone 'pretrained' is built for images, not for the clips of {dataset!r}; use backbone='tiny'")
     # The data seed stays fixed: runs with other training seeds are evaluated on the same test set.
     data = dataclasses.replace(chosen.data, dataset=dataset, data_dir=data_dir)
-    encoder = EncoderConfig(backbone=backbone)
+    if backbone == "pretrained":
+        data = dataclasses.replace(data, image_size=PRETRAINED_IMAGE_SIZE)
+    encoder = EncoderConfig(backbone=backbone, min_word_count=1 if dataset in GENERATED_DATASETS else 5)
     return StudyConfig(
         profile=chosen.name,
         data=data,

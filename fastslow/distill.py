@@ -35,7 +35,7 @@ from fastslow.config import StudyConfig
 from fastslow.data.types import CaptionedImages
 from fastslow.losses import distillation_kl, dynamic_sample_weights, keep_hardest_negatives, symmetric_info_nce
 from fastslow.models.dual_encoder import DualEncoder, embed_images
-from fastslow.models.encoders import images_to_tensor, trim_padding
+from fastslow.models.encoders import model_input, text_input
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def fixed_captions(split: CaptionedImages, seed: int) -> np.ndarray:
     return np.array([rng.choice(captions) for captions in split.captions_by_image()])
 
 
-def teacher_batch_scores(teacher, split: CaptionedImages, tokens: torch.Tensor, batches: np.ndarray, captions: np.ndarray, device: str) -> torch.Tensor:
+def teacher_batch_scores(teacher, visual, tokens: torch.Tensor, batches: np.ndarray, captions: np.ndarray, device: str) -> torch.Tensor:
     """The teacher's ``(batches, B, B)`` scores: caption of image ``b[i]`` against image ``b[j]``."""
     from fastslow.models.cross_attention import pair_scores, visual_tokens
 
@@ -79,7 +79,7 @@ def teacher_batch_scores(teacher, split: CaptionedImages, tokens: torch.Tensor, 
     everyone = torch.arange(size).expand(size, size)
     scores = []
     for batch in tqdm(batches, desc="teacher scores", leave=False):
-        gallery = visual_tokens(teacher, split.images[batch], device)
+        gallery = visual_tokens(teacher, visual[batch], device)
         scores.append(pair_scores(teacher, gallery, tokens[captions[batch]], everyone).float().cpu())
     return torch.stack(scores)
 
@@ -87,8 +87,10 @@ def teacher_batch_scores(teacher, split: CaptionedImages, tokens: torch.Tensor, 
 class DistillBatches:
     """One epoch over the fixed batches, in an order drawn from ``(seed, epoch)``."""
 
-    def __init__(self, split, tokens, batches, captions, teacher_scores, seed: int, epoch: int):
-        self.split, self.tokens, self.batches, self.captions = split, tokens, batches, captions
+    def __init__(self, visual, texts, batches, captions, teacher_scores, seed: int, epoch: int):
+        """``visual``: the training images as the student reads them (pixels or frozen features);
+        ``texts``: its text inputs per caption (token ids or frozen sentence features)."""
+        self.visual, self.texts, self.batches, self.captions = visual, texts, batches, captions
         self.teacher_scores = teacher_scores
         self.order = np.random.default_rng([seed, epoch]).permutation(len(batches))
 
@@ -99,8 +101,8 @@ class DistillBatches:
         for b in self.order:
             members = self.batches[b]
             yield {
-                "images": images_to_tensor(self.split.images[members]),
-                "tokens": trim_padding(self.tokens[self.captions[members]]),
+                "images": model_input(self.visual[members]),
+                "texts": text_input(self.texts[self.captions[members]]),
                 "teacher": self.teacher_scores[b],
             }
 
@@ -140,9 +142,9 @@ def prepare(cfg: StudyConfig, data, student: DualEncoder, teacher, student_key: 
     key = {"student": student_key, "teacher": teacher_key, "batch_size": batch_size}
 
     def build() -> dict[str, Any]:
-        batches = hard_batches(embed_images(student, train.images, cfg.device), batch_size, seed=0)
+        batches = hard_batches(embed_images(student, data.visual["train"], cfg.device), batch_size, seed=0)
         captions = fixed_captions(train, seed=0)
-        scores = teacher_batch_scores(teacher, train, data.tokens["train"], batches, captions, cfg.device)
+        scores = teacher_batch_scores(teacher, data.visual["train"], data.tokens["train"], batches, captions, cfg.device)
         return {"batches": batches, "captions": captions, "teacher_scores": scores}
 
     return load_or_build("teacher_scores", key, build)

@@ -24,6 +24,9 @@ from fastslow.cache import artifact_path, config_hash, load_or_build
 from fastslow.config import TOWER_INITS, StudyConfig
 from fastslow.data import CaptionedImages, WordTokenizer, load_dataset, make_shapes
 from fastslow.data.batches import PairBatches, headline_queries
+from fastslow.features import MAX_CAPTION_TOKENS, extract_features
+from fastslow.models.encoders import FeatureImages
+from fastslow.models.pretrained import text_backbone
 from fastslow.losses import captioning_nll, itm_bce, symmetric_info_nce
 from fastslow.models.dual_encoder import DualEncoder, embed_images, embed_texts
 from fastslow.models.cross_attention import (
@@ -46,13 +49,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Study:
-    """The data a stage works on: splits, the tokenizer fitted on the training captions, and the
-    tokenised captions of each split."""
+    """The data a stage works on: splits, the tokenizer fitted on the training captions, and per
+    split what the models read.
+
+    ``tokens``: word ids of every caption (what the Slow model's caption decoders read).
+    ``visual``: what the image towers read, indexed like the split's images: the uint8 images
+    themselves (``tiny`` backbone) or their frozen EfficientNet-Lite0 features (``pretrained``).
+    ``texts``: what the dual encoder's text side reads per caption: the word ids (``tiny``) or the
+    frozen MiniLM sentence embeddings (``pretrained``).
+    """
 
     config: StudyConfig
     splits: dict[str, CaptionedImages]
     tokenizer: WordTokenizer
     tokens: dict[str, torch.Tensor]
+    visual: dict[str, np.ndarray | FeatureImages]
+    texts: dict[str, torch.Tensor]
 
     @property
     def test(self) -> CaptionedImages:
@@ -63,12 +75,30 @@ class Study:
         return headline_queries(self.test, self.config.headline_captions_per_image)
 
 
+    def fast_texts(self, captions: list[str]) -> torch.Tensor:
+        """New captions (a search box's query) as the dual encoder's text side reads them."""
+        if self.config.dual.encoder.backbone == "pretrained":
+            return text_backbone()(captions, MAX_CAPTION_TOKENS).pooled
+        return self.tokenizer.encode(captions, max_len=self.config.dual.encoder.max_caption_tokens)
+
+
 def study(cfg: StudyConfig) -> Study:
+    """The splits of ``cfg.data``, tokenised; with the ``pretrained`` backbone also their frozen
+    features (extracted once, cached: :func:`fastslow.features.extract_features`)."""
     splits = load_dataset(cfg.data)
-    tokenizer = WordTokenizer.fit(splits["train"].captions)
-    max_tokens = cfg.dual.encoder.max_caption_tokens
-    tokens = {name: tokenizer.encode(split.captions, max_len=max_tokens) for name, split in splits.items()}
-    return Study(cfg, splits, tokenizer, tokens)
+    encoder = cfg.dual.encoder
+    tokenizer = WordTokenizer.fit(splits["train"].captions, min_count=encoder.min_word_count)
+    tokens = {name: tokenizer.encode(split.captions, max_len=encoder.max_caption_tokens) for name, split in splits.items()}
+    if encoder.backbone == "pretrained":
+        features = {name: extract_features(cfg, name, split) for name, split in splits.items()}
+        # float32 in memory (the cache holds float16): converting every batch again costs more
+        # than the heads' own work.
+        visual = {name: FeatureImages(f.maps, f.pooled).to("cpu") for name, f in features.items()}
+        texts = {name: f.caption_pooled for name, f in features.items()}
+    else:
+        visual = {name: split.images for name, split in splits.items()}
+        texts = tokens
+    return Study(cfg, splits, tokenizer, tokens, visual, texts)
 
 
 @dataclass
@@ -121,9 +151,10 @@ def train_or_load(
     return Trained(model, artifact["history"], config_hash(key), artifact["train_seconds"])
 
 
-def dual_encoder_scores(model: DualEncoder, split: CaptionedImages, tokens: torch.Tensor, device: str) -> torch.Tensor:
-    """``(captions, images)`` cosine similarities of the Fast model over a whole split."""
-    return embed_texts(model, tokens, device) @ embed_images(model, split.images, device).T
+def dual_encoder_scores(model: DualEncoder, visual: np.ndarray | FeatureImages, texts: torch.Tensor, device: str) -> torch.Tensor:
+    """``(captions, images)`` cosine similarities of the Fast model over a whole split
+    (``data.visual[name]``, ``data.texts[name]``)."""
+    return embed_texts(model, texts, device) @ embed_images(model, visual, device).T
 
 
 def dual_encoder_key(cfg: StudyConfig) -> dict[str, Any]:
@@ -136,14 +167,14 @@ def dual_encoder(cfg: StudyConfig, data: Study | None = None) -> Trained:
     train, val = data.splits["train"], data.splits["val"]
 
     def contrastive(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
-        return symmetric_info_nce(model(batch["images"], batch["tokens"]))
+        return symmetric_info_nce(model(batch["images"], batch["texts"]))
 
     return train_or_load(
         "dual_encoder",
         dual_encoder_key(cfg),
         lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size),
         contrastive,
-        lambda epoch: PairBatches(train, data.tokens["train"], cfg.train_dual.batch_size, cfg.seed, epoch),
+        lambda epoch: PairBatches(train, data.tokens["train"], cfg.train_dual.batch_size, cfg.seed, epoch, data.visual["train"], data.texts["train"]),
         dual_encoder_validation(data, cfg.device),
         cfg.train_dual,
         seed=cfg.seed,
@@ -156,7 +187,7 @@ def dual_encoder_validation(data: Study, device: str):
     val = data.splits["val"]
 
     def validation_rsum(model: DualEncoder) -> float:
-        scores = dual_encoder_scores(model, val, data.tokens["val"], device)
+        scores = dual_encoder_scores(model, data.visual["val"], data.texts["val"], device)
         return metrics.rsum(metrics.retrieval_metrics(scores, val.caption_image))
 
     return validation_rsum
@@ -177,12 +208,12 @@ def distilled_dual_encoder(cfg: StudyConfig, data: Study, method: str, seed: int
         return model
 
     def loss_fn(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float):
-        logits = model(batch["images"], batch["tokens"])
+        logits = model(batch["images"], batch["texts"])
         return distill.student_loss(method, cfg.distill, logits, batch["teacher"], progress)
 
     def epoch_batches(epoch: int) -> distill.DistillBatches:
         return distill.DistillBatches(
-            train, data.tokens["train"], prepared["batches"], prepared["captions"], prepared["teacher_scores"], seed, epoch
+            data.visual["train"], data.texts["train"], prepared["batches"], prepared["captions"], prepared["teacher_scores"], seed, epoch
         )
 
     return train_or_load(
@@ -210,13 +241,14 @@ def cross_attention_key(cfg: StudyConfig, **variant) -> dict[str, Any]:
 
 
 def cross_attention_scores(
-    model: CrossAttentionModel, split: CaptionedImages, tokens: torch.Tensor, device: str, queries: np.ndarray | None = None
+    model: CrossAttentionModel, visual: np.ndarray | FeatureImages, tokens: torch.Tensor, device: str, queries: np.ndarray | None = None
 ) -> torch.Tensor:
     """``(queries, images)`` Slow scores of captions ``queries`` (all when None) against every image
-    of the split: the gallery's visual tokens once, then every pair."""
-    queries = np.arange(split.num_captions) if queries is None else np.asarray(queries)
-    gallery = visual_tokens(model, split.images, device)
-    everyone = torch.arange(len(split)).expand(len(queries), len(split))
+    of ``visual`` (a split's images as the model reads them): the gallery's visual tokens once,
+    then every pair."""
+    queries = np.arange(len(tokens)) if queries is None else np.asarray(queries)
+    gallery = visual_tokens(model, visual, device)
+    everyone = torch.arange(len(visual)).expand(len(queries), len(visual))
     return pair_scores(model, gallery, tokens[torch.as_tensor(queries)], everyone)
 
 
@@ -227,7 +259,7 @@ def cross_attention_validation(data: Study, device: str, n_images: int):
     val = data.splits["val"]
     n_images = min(n_images, len(val))
     queries = headline_queries(val, 1)[:n_images]
-    gallery = val.subset(np.arange(n_images))
+    gallery = data.visual["val"][:n_images]
 
     def validation_rsum(model: CrossAttentionModel) -> float:
         scores = cross_attention_scores(model, gallery, data.tokens["val"], device, queries)
@@ -286,7 +318,7 @@ def cross_attention(cfg: StudyConfig, data: Study | None = None, **variant) -> T
         return model
 
     def epoch_batches(epoch: int) -> PairBatches:
-        batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch)
+        batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, data.visual["train"])
         if model_config.objective == "itm":  # twins share batches, so each can be the other's negative
             batches.order = keep_twins_together(batches.order, train.twin)
         return batches
@@ -316,7 +348,7 @@ def cross_attention_variants(
     results = {}
     for name, variant in variants.items():
         trained = cross_attention(cfg, data, **variant)
-        gallery = visual_tokens(trained.model, data.test.images, cfg.device)
+        gallery = visual_tokens(trained.model, data.visual["test"], cfg.device)
         tokens = data.tokens["test"][torch.as_tensor(queries)]
         started = time.perf_counter()
         scores = pair_scores(trained.model, gallery, tokens, torch.arange(len(data.test)).expand(len(queries), -1))
@@ -340,11 +372,11 @@ def attention_example(model: CrossAttentionModel, data: Study, caption: int) -> 
     """What :func:`fastslow.plots.attention_maps` draws for test caption ``caption``: its image,
     the tokens the forward decoder predicts, and the last layer's cross-attention map for each."""
     tokens = data.tokens["test"][caption]
-    image = data.test.images[data.test.caption_image[caption]]
-    maps = cross_attention_maps(model, image, tokens)[-1]
+    image = int(data.test.caption_image[caption])
+    maps = cross_attention_maps(model, data.visual["test"][image : image + 1], tokens)[-1]
     predicted = tokens[1 : int(tokens.ne(0).sum())]  # the words, then EOS
     words = [data.tokenizer.decode([t]) or "<eos>" for t in predicted.tolist()]
-    return {"image": image, "caption": data.test.captions[caption], "words": words, "maps": maps.numpy()}
+    return {"image": data.test.images[image], "caption": data.test.captions[caption], "words": words, "maps": maps.numpy()}
 
 
 def headline_slow_scores(cfg: StudyConfig, data: Study, slow: Trained) -> torch.Tensor:
@@ -353,13 +385,13 @@ def headline_slow_scores(cfg: StudyConfig, data: Study, slow: Trained) -> torch.
     Cached: the Slow-only evaluation (notebook 03) and the re-ranking sweep (notebook 05) share them.
     """
     name = f"test-{config_hash(cfg.data)}"
-    return cached_slow_scores(slow, data.test, data.tokens["test"], data.headline_queries(), cfg.device, name)
+    return cached_slow_scores(slow, data.visual["test"], data.tokens["test"], data.headline_queries(), cfg.device, name)
 
 
 def headline_fast_scores(model: DualEncoder, data: Study, device: str) -> torch.Tensor:
     """A dual encoder's scores of the headline queries against the whole test gallery."""
     queries = data.headline_queries()
-    return dual_encoder_scores(model, data.test, data.tokens["test"], device)[queries]
+    return dual_encoder_scores(model, data.visual["test"], data.texts["test"], device)[queries]
 
 
 def distillation_runs(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> dict[tuple[str, int], Trained]:
@@ -403,8 +435,8 @@ def choose_rerank_alpha(cfg: StudyConfig, data: Study, first_stage: Trained, slo
     (text-to-image R@1 + R@5 + R@10 at K = ``cfg.rerank.alpha_k``)."""
     val = data.splits["val"]
     queries = headline_queries(val, 1)[: cfg.rerank.validation_queries]
-    fast_scores = dual_encoder_scores(first_stage.model, val, data.tokens["val"], cfg.device)[queries]
-    gallery = visual_tokens(slow.model, val.images, cfg.device)
+    fast_scores = dual_encoder_scores(first_stage.model, data.visual["val"], data.texts["val"], cfg.device)[queries]
+    gallery = visual_tokens(slow.model, data.visual["val"], cfg.device)
     query_tokens = data.tokens["val"][torch.as_tensor(queries)]
 
     def slow_scores(rows: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
@@ -420,8 +452,9 @@ def choose_rerank_alpha(cfg: StudyConfig, data: Study, first_stage: Trained, slo
 
 def large_gallery(cfg: StudyConfig, data: Study) -> tuple[CaptionedImages, torch.Tensor, np.ndarray] | None:
     """A second, larger test gallery of ``cfg.rerank.large_gallery`` shapes images (its own seed,
-    never trained on), its tokenised captions and its query set; None for datasets without one."""
-    if cfg.data.dataset != "shapes":
+    never trained on), its tokenised captions and its query set; None for datasets without one
+    (and for the pretrained backbone, whose features exist only for the study's splits)."""
+    if cfg.data.dataset != "shapes" or cfg.dual.encoder.backbone != "tiny":
         return None
     gallery = make_shapes(
         1, 1, cfg.rerank.large_gallery, image_size=cfg.data.image_size,
@@ -432,20 +465,20 @@ def large_gallery(cfg: StudyConfig, data: Study) -> tuple[CaptionedImages, torch
     return gallery, tokens, queries
 
 
-def cached_slow_scores(slow: Trained, split: CaptionedImages, tokens: torch.Tensor, queries: np.ndarray, device: str, name: str) -> torch.Tensor:
-    """Slow scores of ``queries`` against all of ``split``, cached under the model and the query set."""
-    key = {"model": slow.config_hash, "gallery": name, "images": len(split), "queries": queries.tolist()}
-    return load_or_build("slow_scores", key, lambda: cross_attention_scores(slow.model, split, tokens, device, queries))
+def cached_slow_scores(slow: Trained, visual: np.ndarray | FeatureImages, tokens: torch.Tensor, queries: np.ndarray, device: str, name: str) -> torch.Tensor:
+    """Slow scores of ``queries`` against every image of ``visual``, cached under the model and the query set."""
+    key = {"model": slow.config_hash, "gallery": name, "images": len(visual), "queries": queries.tolist()}
+    return load_or_build("slow_scores", key, lambda: cross_attention_scores(slow.model, visual, tokens, device, queries))
 
 
 def searcher(cfg: StudyConfig, data: Study, first_stage: Trained, slow: Trained, alpha: float = 0.0) -> Searcher:
     """Interactive search over the test gallery (Fast top-K, Slow re-ranking)."""
-    return Searcher(first_stage.model, slow.model, data.tokenizer, data.test, cfg.device, cfg.dual.encoder.max_caption_tokens, alpha)
+    return Searcher(first_stage.model, slow.model, data, cfg.device, alpha)
 
 
-def fast_index(first_stage: Trained, split: CaptionedImages, device: str, factory: str = "Flat") -> VectorIndex:
-    """A FAISS index of a dual encoder's embeddings of ``split``'s images."""
-    return VectorIndex.build(embed_images(first_stage.model, split.images, device), factory)
+def fast_index(first_stage: Trained, visual: np.ndarray | FeatureImages, device: str, factory: str = "Flat") -> VectorIndex:
+    """A FAISS index of a dual encoder's embeddings of ``visual`` (a split's images as it reads them)."""
+    return VectorIndex.build(embed_images(first_stage.model, visual, device), factory)
 
 
 def operating_points(sweep: pd.DataFrame, slow_ms: float, slow_r1: float, tolerance: float = 1.0) -> pd.DataFrame:
@@ -471,16 +504,16 @@ def operating_points(sweep: pd.DataFrame, slow_ms: float, slow_r1: float, tolera
 def large_gallery_sweep(cfg: StudyConfig, data: Study, first_stage: Trained, slow: Trained, alpha: float) -> pd.DataFrame:
     """The K sweep and the speed-up on :func:`large_gallery`: text-to-image R@1 and latency per K."""
     gallery, tokens, queries = large_gallery(cfg, data)
-    fast_scores = dual_encoder_scores(first_stage.model, gallery, tokens, cfg.device)[queries]
-    slow_scores = cached_slow_scores(slow, gallery, tokens, queries, cfg.device, name=f"large-{cfg.data.seed + 1000}")
+    fast_scores = dual_encoder_scores(first_stage.model, gallery.images, tokens, cfg.device)[queries]
+    slow_scores = cached_slow_scores(slow, gallery.images, tokens, queries, cfg.device, name=f"large-{cfg.data.seed + 1000}")
     ks = k_values(len(gallery), (1, 2, 5, 10, 20, 50, 100))
-    index = fast_index(first_stage, gallery, cfg.device)
+    index = fast_index(first_stage, gallery.images, cfg.device)
     visual = visual_tokens(slow.model, gallery.images, cfg.device)
     latency_tokens = tokens[torch.as_tensor(queries[: cfg.rerank.latency_queries])]
     slow_ms = slow_only_query_ms(slow.model, visual, latency_tokens, cfg.device)
     rows = []
     for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks, alpha).items():
-        ms = slow_ms if k == len(gallery) else fast_slow_query_ms(first_stage.model, index, slow.model, visual, latency_tokens, k, cfg.device)
+        ms = slow_ms if k == len(gallery) else fast_slow_query_ms(first_stage.model, index, slow.model, visual, latency_tokens, latency_tokens, k, cfg.device)
         rows.append({"gallery_size": len(gallery), "queries": len(queries), "K": k, "R@1": result["t2i"]["R@1"],
                      "R@5": result["t2i"]["R@5"], "ms_per_query": ms, "speed-up": slow_ms / ms})
     return pd.DataFrame(rows)
@@ -491,9 +524,9 @@ def index_scaling(cfg: StudyConfig, data: Study, first_stage: Trained) -> pd.Dat
     key = {"model": first_stage.config_hash, "rerank": cfg.rerank, "data": cfg.data}
 
     def build() -> pd.DataFrame:
-        gallery = embed_images(first_stage.model, data.test.images, cfg.device)
+        gallery = embed_images(first_stage.model, data.visual["test"], cfg.device)
         queries = data.headline_queries()[: max(20, cfg.rerank.latency_queries)]
-        query_embeddings = embed_texts(first_stage.model, data.tokens["test"][torch.as_tensor(queries)], cfg.device)
+        query_embeddings = embed_texts(first_stage.model, data.texts["test"][torch.as_tensor(queries)], cfg.device)
         factories = {"exact": "Flat", **dict(cfg.rerank.approximate_indexes)}
         return bench_index_scaling(gallery, query_embeddings, cfg.rerank.scale_sizes, factories, seed=cfg.seed)
 

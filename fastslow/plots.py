@@ -14,7 +14,12 @@ from fastslow.data.types import CaptionedImages
 
 
 def image_grid(split: CaptionedImages, indices: Sequence[int], columns: int = 4, captions: int = 2, width: int = 34):
-    """Images with their first captions underneath."""
+    """Images with their first captions underneath (a note instead when ``indices`` is empty)."""
+    if len(indices) == 0:
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no images to show ({split.dataset} {split.split})", ha="center", va="center")
+        return fig
     rows = int(np.ceil(len(indices) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
     for ax in axes.flat:

@@ -86,17 +86,18 @@ def k_values(gallery_size: int, ks: Sequence[int] = (1, 2, 5, 10, 20, 50, 100, 2
 
 
 class Searcher:
-    """Text search over one gallery: Fast top-K from a FAISS index, then the Slow model's order."""
+    """Text search over a study's test gallery: Fast top-K from a FAISS index, then the Slow model's order."""
 
-    def __init__(self, fast_model, slow_model, tokenizer, gallery, device: str = "cpu", max_tokens: int = 24, alpha: float = 0.0):
+    def __init__(self, fast_model, slow_model, data, device: str = "cpu", alpha: float = 0.0):
+        """``data``: a :class:`fastslow.pipeline.Study` (its test split is the gallery)."""
         from fastslow.index import VectorIndex
         from fastslow.models.cross_attention import visual_tokens
         from fastslow.models.dual_encoder import embed_images
 
-        self.fast_model, self.slow_model, self.tokenizer = fast_model, slow_model, tokenizer
-        self.gallery, self.device, self.max_tokens, self.alpha = gallery, device, max_tokens, alpha
-        self.index = VectorIndex.build(embed_images(fast_model, gallery.images, device))
-        self.visual_tokens = visual_tokens(slow_model, gallery.images, device)
+        self.fast_model, self.slow_model, self.data = fast_model, slow_model, data
+        self.gallery, self.device, self.alpha = data.test, device, alpha
+        self.index = VectorIndex.build(embed_images(fast_model, data.visual["test"], device))
+        self.visual_tokens = visual_tokens(slow_model, data.visual["test"], device)
 
     @torch.no_grad()
     def search(self, query: str, k: int = 5, rerank_k: int = 20):
@@ -107,8 +108,10 @@ class Searcher:
 
         if not query.strip():
             raise ValueError("the query is empty: type a caption to search for")
-        tokens = self.tokenizer.encode([query], max_len=self.max_tokens).to(self.device)
-        fast_top, ids = self.index.search(self.fast_model.encode_texts(tokens).cpu(), rerank_k)
+        encoder = self.data.config.cross.encoder
+        tokens = self.data.tokenizer.encode([query], max_len=encoder.max_caption_tokens).to(self.device)
+        texts = self.data.fast_texts([query]).to(self.device)
+        fast_top, ids = self.index.search(self.fast_model.encode_texts(texts).cpu(), rerank_k)
         slow_top = pair_scores(self.slow_model, self.visual_tokens, tokens, torch.as_tensor(ids))
         order = combine(slow_top, torch.as_tensor(fast_top), self.alpha).argsort(dim=1, descending=True, stable=True)[0]
         rows = []

@@ -222,7 +222,7 @@ def test_attention_maps_cover_the_grid(shapes):
     splits, tokenizer = shapes
     model = tiny_model(tokenizer, upsample_steps=1)
     tokens = tokenizer.encode(splits["test"].captions[:1])[0]
-    maps = cross_attention_maps(model, splits["test"].images[0], tokens)
+    maps = cross_attention_maps(model, splits["test"].images[:1], tokens)
     assert maps.shape == (TINY.layers, int(tokens.ne(0).sum()) - 1, 4, 4)
     torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(maps.shape[:2]))
 

@@ -309,22 +309,6 @@ class Interrupted(Exception):
     """Stands in for a killed process or Ctrl-C in the middle of an extraction."""
 
 
-@pytest.fixture
-def tiny_real(tmp_path) -> DataConfig:
-    """A Flickr8k-layout dataset of 64-pixel images: 5 train, 2 dev images, two captions each."""
-    root = tmp_path / "tiny8k"
-    rng = np.random.default_rng(0)
-    names = [f"im{i}.png" for i in range(7)]
-    for name in names:
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "images" / name)
-    lines = [f"{name}#{k}\ta photo number {i} , take {k} ." for i, name in enumerate(names) for k in range(2)]
-    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
-    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:5]))
-    (root / "Flickr_8k.devImages.txt").write_text("\n".join(names[5:]))
-    return DataConfig(dataset="flickr8k", data_dir=str(root), n_train=5, n_val=2, n_test=2, image_size=64)
-
-
 def test_feature_extraction_resumes_after_an_interruption(tiny_real, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path / "cache"))
     params, chunks = FeatureParams(tiny_real), {"images_per_chunk": 2, "captions_per_chunk": 10}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
-from fastslow.config import DataConfig
+from fastslow.cache import load_or_build
+from fastslow.config import GENERATED_DATASETS, VIDEO_DATASETS, DataConfig
 from fastslow.data.folder import load_image_folder
 from fastslow.data.real import REAL_DATASETS, load_real_dataset
 from fastslow.data.shapes import make_shapes
@@ -27,7 +29,21 @@ __all__ = [
 ]
 
 # Real captioned clips (VATEX or MSR-VTT layout, see fastslow.data.video_folder).
-VIDEO_DATASETS = ("vatex", "msrvtt")
+REAL_VIDEO_DATASETS = tuple(d for d in VIDEO_DATASETS if d not in GENERATED_DATASETS)
+
+
+def files_fingerprint(data_dir: str | None) -> str:
+    """A digest of every file's path, size and modification time under ``data_dir`` (a hub name
+    that is not a local folder digests as itself): what a cached decoding must still match."""
+    root = Path(data_dir or "")
+    if not data_dir or not root.exists():
+        return str(data_dir)
+    entries = sorted(
+        f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}"
+        for path in root.rglob("*")
+        if path.is_file() and (stat := path.stat())
+    )
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
 def split_caps(config: DataConfig) -> dict[str, int]:
@@ -52,8 +68,14 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
         return {split: load_image_folder(root, split, config.image_size) for split in ("train", "val", "test")}
     if config.dataset in REAL_DATASETS:
         # The profile's split sizes cap the real splits (a seeded subset), so smoke and quick runs stay
-        # small; a split smaller than its cap is used whole.
-        return load_real_dataset(config.dataset, config.data_dir, config.image_size, split_caps(config), config.seed)
+        # small; a split smaller than its cap is used whole. Decoding thousands of photographs takes
+        # longer than reading them back, and every notebook loads them: the decoded splits are cached,
+        # keyed by the files they come from.
+        key = {"data": config, "files": files_fingerprint(config.data_dir)}
+        return load_or_build(
+            "dataset", key,
+            lambda: load_real_dataset(config.dataset, config.data_dir, config.image_size, split_caps(config), config.seed),
+        )
     if config.dataset == "shapes-video":
         return make_shapes_video(
             config.n_train,
@@ -64,7 +86,7 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
             captions_per_clip=config.captions_per_image,
             seed=config.seed,
         )
-    if config.dataset in VIDEO_DATASETS:
+    if config.dataset in REAL_VIDEO_DATASETS:
         # The profile's split sizes cap the clips read: the first ones of each split's captions file.
         root = Path(config.data_dir or "")
         return {

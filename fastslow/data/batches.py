@@ -9,19 +9,34 @@ import torch
 
 from fastslow.data.text import WordTokenizer
 from fastslow.data.types import CaptionedImages
-from fastslow.models.encoders import images_to_tensor, trim_padding
+from fastslow.models.encoders import FeatureImages, model_input, text_input, trim_padding
 
 
 class PairBatches:
     """One epoch of pairs: every image once, with one of its captions drawn at random.
 
-    Deterministic in ``(seed, epoch)``, so a resumed training run sees the same batches.
+    Deterministic in ``(seed, epoch)``, so a resumed training run sees the same batches. A batch
+    holds ``images`` (what the image towers read: pixels of ``split``, or ``visual[indices]`` when
+    given, e.g. frozen features), ``tokens`` (the captions' word ids, what caption decoders read),
+    ``texts`` (what the dual encoder's text side reads: ``texts`` when given, else the tokens) and
+    ``image_index``.
     """
 
-    def __init__(self, split: CaptionedImages, tokens: torch.Tensor, batch_size: int, seed: int, epoch: int):
+    def __init__(
+        self,
+        split: CaptionedImages,
+        tokens: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        visual: np.ndarray | FeatureImages | None = None,
+        texts: torch.Tensor | None = None,
+    ):
         rng = np.random.default_rng([seed, epoch])
         self.split = split
         self.tokens = tokens
+        self.visual = split.images if visual is None else visual
+        self.texts = tokens if texts is None else texts
         self.batch_size = min(batch_size, len(split))
         self.order = rng.permutation(len(split))
         captions_by_image = split.captions_by_image()
@@ -33,9 +48,11 @@ class PairBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for b in range(len(self)):
             images = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+            captions = self.caption_of[images]
             yield {
-                "images": images_to_tensor(self.split.images[images]),
-                "tokens": trim_padding(self.tokens[self.caption_of[images]]),
+                "images": model_input(self.visual[images]),
+                "tokens": trim_padding(self.tokens[captions]),
+                "texts": text_input(self.texts[captions]),
                 "image_index": torch.as_tensor(images),
             }
 

@@ -35,9 +35,9 @@ class WordTokenizer:
         self._id_of = {word: i for i, word in enumerate(self.special_tokens + tuple(self.words))}
 
     @classmethod
-    def fit(cls, captions: Iterable[str]) -> WordTokenizer:
-        """Vocabulary of every word in ``captions``, most frequent first (ties alphabetical, so the
-        ids do not depend on caption order)."""
+    def fit(cls, captions: Iterable[str], min_count: int = 1) -> WordTokenizer:
+        """Vocabulary of the words seen at least ``min_count`` times in ``captions``, most frequent
+        first (ties alphabetical, so the ids do not depend on caption order); others encode as UNK."""
         counts: Counter[str] = Counter()
         n_captions = 0
         for caption in captions:
@@ -45,7 +45,8 @@ class WordTokenizer:
             n_captions += 1
         if n_captions == 0:
             raise ValueError("cannot fit a tokenizer on an empty caption list")
-        return cls(sorted(counts, key=lambda word: (-counts[word], word)))
+        kept = [word for word, count in counts.items() if count >= min_count]
+        return cls(sorted(kept, key=lambda word: (-counts[word], word)))
 
     @property
     def vocab_size(self) -> int:

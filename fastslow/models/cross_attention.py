@@ -37,7 +37,7 @@ from torch import nn
 
 from fastslow.config import OBJECTIVES, CrossAttentionConfig
 from fastslow.data.text import WordTokenizer
-from fastslow.models.encoders import build_image_tower, images_to_tensor, trim_padding
+from fastslow.models.encoders import FeatureImages, build_image_tower, model_input, trim_padding
 
 PAD_ID = WordTokenizer.pad_id
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per decoder layer
@@ -249,8 +249,9 @@ class CrossAttentionModel(nn.Module):
             self.image_tower.eval()
         return self
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised ``(B, 3, H, W)`` images to ``(B, T, W)`` visual tokens (T = grid cells)."""
+    def encode_images(self, images: torch.Tensor | FeatureImages) -> torch.Tensor:
+        """Normalised ``(B, 3, H, W)`` images (or their frozen features) to ``(B, T, W)`` visual
+        tokens (T = grid cells)."""
         grid = self.upsampler(self.image_tower(images))
         positions = (self.row_embedding[:, None, :] + self.column_embedding[None, :, :]).flatten(0, 1)
         return self.visual_norm(self.visual_projection(grid.flatten(2).transpose(1, 2) + positions))
@@ -308,13 +309,13 @@ class CrossAttentionModel(nn.Module):
 
 @torch.no_grad()
 def visual_tokens(
-    model: CrossAttentionModel, images: np.ndarray, device: str = "cpu", batch_size: int = 256
+    model: CrossAttentionModel, images: np.ndarray | FeatureImages, device: str = "cpu", batch_size: int = 256
 ) -> torch.Tensor:
-    """``(N, T, W)`` visual tokens of uint8 ``(N, H, W, 3)`` images, left on ``device``: computed
-    once per gallery, then indexed by :func:`pair_scores` for every query."""
+    """``(N, T, W)`` visual tokens of uint8 ``(N, H, W, 3)`` images (or their frozen features), left
+    on ``device``: computed once per gallery, then indexed by :func:`pair_scores` for every query."""
     model.eval()
     chunks = [
-        model.encode_images(images_to_tensor(images[i : i + batch_size], device))
+        model.encode_images(model_input(images[i : i + batch_size], device))
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks)
@@ -397,14 +398,15 @@ def pair_scores(
 def cross_attention_maps(model: CrossAttentionModel, image: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
     """Where the forward decoder looks while predicting each token of one caption.
 
-    ``image`` uint8 ``(H, W, 3)``, ``tokens`` ``(L,)`` ids; returns ``(layers, predicted tokens, h, w)``
+    ``image``: a batch of one image, ``images[i : i + 1]`` of uint8 pixels or of frozen features;
+    ``tokens`` ``(L,)`` ids; returns ``(layers, predicted tokens, h, w)``
     cross-attention weights averaged over heads, row ``t`` being the map used to predict token
     ``t + 1`` (the word after BOS first, EOS last).
     """
     model.eval()
     device = next(model.parameters()).device
     tokens = trim_padding(tokens.view(1, -1)).to(device)
-    visual = model.encode_images(images_to_tensor(image[None], device))
+    visual = model.encode_images(model_input(image, device))
     inputs, _ = teacher_forcing(tokens, "left_to_right")
     keys_values = model.visual_keys_values(visual)["left_to_right"]
     _, weights = model.decoder_states("left_to_right", inputs, keys_values)

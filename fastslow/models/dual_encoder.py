@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastslow.config import DualEncoderConfig
-from fastslow.models.encoders import TextTransformer, build_image_tower, images_to_tensor, trim_padding
+from fastslow.models.encoders import FeatureImages, TextTransformer, build_image_tower, model_input, text_input
 
 
 class DualEncoder(nn.Module):
@@ -22,17 +22,22 @@ class DualEncoder(nn.Module):
         super().__init__()
         enc = config.encoder
         self.image_tower = build_image_tower(enc)
-        coarse_side = image_size // self.image_tower.strides[-1]
-        # Flattening (rather than average pooling) the coarse map keeps where things are, so the
-        # single vector can in principle encode spatial relations.
+        # Flatten is a no-op on the tower's summary vector; it keeps the checkpoints' key names.
         self.image_projection = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(self.image_tower.out_channels[-1] * coarse_side**2, 2 * config.embed_dim),
+            nn.Linear(self.image_tower.summary_dim(image_size), 2 * config.embed_dim),
             nn.GELU(),
             nn.Linear(2 * config.embed_dim, config.embed_dim),
         )
-        self.text_tower = TextTransformer(vocab_size, enc.text_width, enc.text_layers, enc.heads, enc.max_caption_tokens)
-        self.text_projection = nn.Linear(enc.text_width, config.embed_dim)
+        if enc.backbone == "pretrained":
+            # The frozen sentence embedding (fastslow.features) is the text tower's output.
+            self.text_tower = None
+            self.text_projection = nn.Sequential(
+                nn.Linear(enc.pretrained_text_width, 2 * config.embed_dim), nn.GELU(), nn.Linear(2 * config.embed_dim, config.embed_dim)
+            )
+        else:
+            self.text_tower = TextTransformer(vocab_size, enc.text_width, enc.text_layers, enc.heads, enc.max_caption_tokens)
+            self.text_projection = nn.Linear(enc.text_width, config.embed_dim)
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
 
     @property
@@ -40,38 +45,41 @@ class DualEncoder(nn.Module):
         # Clamped as in CLIP: an unbounded scale destabilises training.
         return self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        coarse = self.image_tower(images)[-1]
-        return F.normalize(self.image_projection(coarse), dim=-1)
+    def encode_images(self, images: torch.Tensor | FeatureImages) -> torch.Tensor:
+        return F.normalize(self.image_projection(self.image_tower.summary(images)), dim=-1)
 
-    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        states = self.text_tower(tokens)
-        mask = tokens.ne(0).unsqueeze(-1).float()
+    def encode_texts(self, texts: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, L)`` (tiny backbone) or frozen sentence features ``(B, D)`` (pretrained)."""
+        if self.text_tower is None:
+            return F.normalize(self.text_projection(texts), dim=-1)
+        states = self.text_tower(texts)
+        mask = texts.ne(0).unsqueeze(-1).float()
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | FeatureImages, texts: torch.Tensor) -> torch.Tensor:
         """Scaled similarity logits ``(texts, images)`` of a batch of matched pairs."""
-        return self.logit_scale * self.encode_texts(tokens) @ self.encode_images(images).T
+        return self.logit_scale * self.encode_texts(texts) @ self.encode_images(images).T
 
 
 @torch.no_grad()
-def embed_images(model: DualEncoder, images: np.ndarray, device: str = "cpu", batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised embeddings of uint8 images, computed in batches (returned on the CPU)."""
+def embed_images(model: DualEncoder, images: np.ndarray | FeatureImages, device: str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised embeddings of uint8 images (or their frozen features), in batches (returned on the CPU)."""
     model.eval()
     chunks = [
-        model.encode_images(images_to_tensor(images[i : i + batch_size], device)).cpu()
+        model.encode_images(model_input(images[i : i + batch_size], device)).cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks)
 
 
 @torch.no_grad()
-def embed_texts(model: DualEncoder, tokens: torch.Tensor, device: str = "cpu", batch_size: int = 1024) -> torch.Tensor:
-    """L2-normalised embeddings of tokenised captions, computed in batches (returned on the CPU)."""
+def embed_texts(model: DualEncoder, texts: torch.Tensor, device: str = "cpu", batch_size: int = 1024) -> torch.Tensor:
+    """L2-normalised embeddings of captions (token ids, or frozen sentence features), in batches
+    (returned on the CPU)."""
     model.eval()
     chunks = [
-        model.encode_texts(trim_padding(tokens[i : i + batch_size]).to(device)).cpu()
-        for i in range(0, len(tokens), batch_size)
+        model.encode_texts(text_input(texts[i : i + batch_size]).to(device)).cpu()
+        for i in range(0, len(texts), batch_size)
     ]
     return torch.cat(chunks)

@@ -1,8 +1,13 @@
-"""Image and text towers shared by the Fast and the Slow model.
+"""Image and text towers shared by the Fast and the Slow model, and what the image towers read.
 
 The image tower returns feature maps at several scales (fine to coarse), so the dual encoder can
 use the coarsest one and the cross-attention model can upsample it progressively, fusing the finer
 ones (:mod:`fastslow.models.cross_attention`).
+
+Two backbones: ``tiny`` (a :class:`ConvTower` trained from scratch on uint8 pixels) and
+``pretrained`` (a :class:`FrozenFeatureTower` over EfficientNet-Lite0 features computed once,
+:mod:`fastslow.features`). Both read a split's images through :func:`model_input`: a uint8 array
+of pixels, or :class:`FeatureImages` indexed like one.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from dataclasses import dataclass
 
 from fastslow.config import EncoderConfig
 
@@ -33,6 +40,43 @@ def images_to_tensor(
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return (tensor - mean) / std
+
+
+@dataclass
+class FeatureImages:
+    """Frozen backbone features of a set of images, indexed like an array of images.
+
+    ``maps``: feature maps fine to coarse, ``(N, C_s, h_s, w_s)`` (float16 in the cache);
+    ``pooled``: ``(N, D)`` pooled features. ``images[indices]`` gives the features of those images,
+    so code written for pixel arrays (batches, galleries, subsets) works on them unchanged.
+    """
+
+    maps: list[torch.Tensor]
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.pooled)
+
+    def __getitem__(self, index) -> FeatureImages:
+        index = index if isinstance(index, slice) else torch.as_tensor(np.asarray(index))
+        return FeatureImages([m[index] for m in self.maps], self.pooled[index])
+
+    def to(self, device: str | torch.device) -> FeatureImages:
+        """On ``device`` in float32 (the heads train in float32; the cache stores float16)."""
+        return FeatureImages([m.to(device).float() for m in self.maps], self.pooled.to(device).float())
+
+
+def model_input(images: np.ndarray | FeatureImages, device: str | torch.device = "cpu") -> torch.Tensor | FeatureImages:
+    """What an image tower reads: normalised pixels from uint8 images, or frozen features on ``device``."""
+    if isinstance(images, FeatureImages):
+        return images.to(device)
+    return images_to_tensor(images, device)
+
+
+def text_input(texts: torch.Tensor) -> torch.Tensor:
+    """A batch of what a text tower reads: token ids with the shared padding trimmed, or frozen
+    sentence features (float) as they are."""
+    return texts if texts.is_floating_point() else trim_padding(texts)
 
 
 def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
@@ -69,6 +113,15 @@ class ConvTower(nn.Module):
         self.out_channels = tuple(channels[-3:])
         self.strides = tuple(2 ** (i + 1) for i in range(len(channels)))[-3:]
 
+    def summary_dim(self, image_size: int) -> int:
+        """Size of :meth:`summary`: the coarse map flattened."""
+        return self.out_channels[-1] * (image_size // self.strides[-1]) ** 2
+
+    def summary(self, images: torch.Tensor) -> torch.Tensor:
+        """One vector per image for the dual encoder: the coarse map flattened. Flattening (rather
+        than average pooling) keeps where things are, so the vector can encode spatial relations."""
+        return self(images)[-1].flatten(1)
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         maps = []
         x = images
@@ -101,7 +154,31 @@ class TextTransformer(nn.Module):
         return self.norm(x)
 
 
-def build_image_tower(config: EncoderConfig) -> ConvTower:
+class FrozenFeatureTower(nn.Module):
+    """The image tower of the ``pretrained`` backbone: it reads :class:`FeatureImages` computed once
+    by the frozen EfficientNet-Lite0 (:mod:`fastslow.features`), so it has no weights of its own;
+    the heads on top (projections, upsampler, decoders) are what trains."""
+
+    def __init__(self, channels: tuple[int, ...], strides: tuple[int, ...], pooled_dim: int):
+        super().__init__()
+        self.out_channels, self.strides, self.pooled_dim = tuple(channels), tuple(strides), pooled_dim
+
+    def summary_dim(self, image_size: int) -> int:
+        return self.pooled_dim
+
+    def summary(self, features: FeatureImages) -> torch.Tensor:
+        """The backbone's pooled head features: what it was trained to classify from."""
+        return features.pooled
+
+    def forward(self, features: FeatureImages) -> list[torch.Tensor]:
+        return features.maps
+
+
+def build_image_tower(config: EncoderConfig) -> ConvTower | FrozenFeatureTower:
+    if config.backbone == "pretrained":
+        from fastslow.models.pretrained import FEATURE_CHANNELS, FEATURE_STRIDES, POOLED_DIM
+
+        return FrozenFeatureTower(FEATURE_CHANNELS, FEATURE_STRIDES, POOLED_DIM)
     if config.backbone != "tiny":
-        raise ValueError(f"backbone {config.backbone!r}: the Fast and Slow heads on frozen pretrained features are not wired in yet (see README); use backbone='tiny'")
+        raise ValueError(f"unknown backbone {config.backbone!r}")
     return ConvTower(config.channels)

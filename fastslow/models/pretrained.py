@@ -37,6 +37,10 @@ MINILM_L6 = "all-MiniLM-L6-v2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_STRIDES = (8, 16, 32)
+# Channels of those maps and of the pooled head features: what the heads on top are built for
+# (checked against the network when it loads).
+FEATURE_CHANNELS = (40, 112, 320)
+POOLED_DIM = 1280
 
 
 def efficientnet_lite0_weights() -> Path:
@@ -101,6 +105,8 @@ class EfficientNetLite0(FrozenModule):
         self.out_channels = tuple(self.net._blocks[i]._project_conv.out_channels for i in self.taps)
         self.strides = FEATURE_STRIDES
         self.pooled_dim = self.net._conv_head.out_channels
+        if (self.out_channels, self.pooled_dim) != (FEATURE_CHANNELS, POOLED_DIM):
+            raise RuntimeError(f"EfficientNet-Lite0 gives {self.out_channels} + {self.pooled_dim} channels, expected {FEATURE_CHANNELS} + {POOLED_DIM}")
 
     def pixels(self, images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` images to the normalised input the ImageNet weights expect."""
