@@ -72,7 +72,8 @@ class Study:
 
     def headline_queries(self) -> np.ndarray:
         """The test captions every method's ``headline`` row is scored on."""
-        return headline_queries(self.test, self.config.headline_captions_per_image)
+        queries = headline_queries(self.test, self.config.headline_captions_per_image)
+        return queries[: self.config.headline_max_queries]
 
 
     def fast_texts(self, captions: list[str]) -> torch.Tensor:
