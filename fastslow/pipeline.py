@@ -453,7 +453,7 @@ def operating_points(sweep: pd.DataFrame, slow_ms: float, slow_r1: float, tolera
     of Slow-only, its latency and the speed-up over Slow-only (or the best K if none is)."""
     rows = {}
     for method, group in sweep[sweep["direction"] == "t2i"].groupby("method"):
-        group = group.sort_values("K")
+        group = group.sort_values("K").reset_index(drop=True)  # rows concatenated from several tables repeat labels
         close = group[group["R@1"] >= slow_r1 - tolerance]
         chosen = close.iloc[0] if len(close) else group.loc[group["R@1"].idxmax()]
         rows[method] = {

@@ -22,8 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fastslow.analysis import mean_std
-from fastslow.config import CrossAttentionConfig
-from fastslow.data import VIDEO_DATASETS as REAL_VIDEO_DATASETS
+from fastslow.config import VIDEO_DATASETS, CrossAttentionConfig
 from fastslow.pipeline import operating_points
 from fastslow.results import KEY_COLUMNS, SUMMARY_COLUMNS, read_summary, results_root
 
@@ -34,7 +33,6 @@ NOISE_FLOOR = 1.0  # R@1 points: a smaller difference is not read as an effect, 
 WITHIN_SLOW = 1.0  # Fast+Slow "reaches" Slow-only when its R@1 is at most this many points below
 ORDERS_OF_MAGNITUDE = 100.0  # "several orders of magnitude" faster, read as at least 100x
 DCD_SPEED_UP = 129.0  # DCD: inference "at least 129x" faster than existing retrieval models
-VIDEO_DATASETS = ("shapes-video", *REAL_VIDEO_DATASETS)
 LARGE_GALLERY = "large_gallery"  # experiment name of notebook 05's larger-gallery sweep (from its JSON)
 
 TFS = "Miech et al., Thinking Fast and Slow (CVPR 2021)"

@@ -333,9 +333,9 @@ class CrossAttentionModel(nn.Module):
 def visual_tokens(
     model: CrossAttentionModel, images: np.ndarray, device: str = "cpu", batch_size: int = 256
 ) -> torch.Tensor:
-    """``(N, T, W)`` visual tokens of uint8 ``(N, H, W, 3)`` images (or ``(N, frames, H, W, 3)``
-    clips, in batches of about ``batch_size`` frames), left on ``device``: computed once per
-    gallery, then indexed by :func:`pair_scores` for every query."""
+    """``(N, tokens, W)`` visual tokens of uint8 ``(N, H, W, 3)`` images or ``(N, T, H, W, 3)``
+    clips (computed in batches of about ``batch_size`` frames), left on ``device``: computed once
+    per gallery, then indexed by :func:`pair_scores` for every query."""
     model.eval()
     batch_size = max(1, batch_size // frames_per_item(images))
     chunks = [
