@@ -173,7 +173,7 @@ def dual_encoder(cfg: StudyConfig, data: Study | None = None) -> Trained:
     return train_or_load(
         "dual_encoder",
         dual_encoder_key(cfg),
-        lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size),
+        lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, train.frames),
         contrastive,
         lambda epoch: PairBatches(train, data.tokens["train"], cfg.train_dual.batch_size, cfg.seed, epoch, data.visual["train"], data.texts["train"]),
         dual_encoder_validation(data, cfg.device),
@@ -204,7 +204,7 @@ def distilled_dual_encoder(cfg: StudyConfig, data: Study, method: str, seed: int
     key = distill.distillation_key(cfg, fast.config_hash, slow.config_hash, method, seed)
 
     def make_model() -> DualEncoder:
-        model = DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size)
+        model = DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, train.frames)
         model.load_state_dict(fast.model.state_dict())
         return model
 
@@ -313,7 +313,7 @@ def cross_attention(cfg: StudyConfig, data: Study | None = None, **variant) -> T
     train = data.splits["train"]
 
     def make_model() -> CrossAttentionModel:
-        model = CrossAttentionModel(data.tokenizer.vocab_size, model_config, cfg.data.image_size)
+        model = CrossAttentionModel(data.tokenizer.vocab_size, model_config, cfg.data.image_size, train.frames)
         if tower is not None:
             model.image_tower.load_state_dict(tower)
         return model
@@ -487,7 +487,7 @@ def operating_points(sweep: pd.DataFrame, slow_ms: float, slow_r1: float, tolera
     of Slow-only, its latency and the speed-up over Slow-only (or the best K if none is)."""
     rows = {}
     for method, group in sweep[sweep["direction"] == "t2i"].groupby("method"):
-        group = group.sort_values("K")
+        group = group.sort_values("K").reset_index(drop=True)  # rows concatenated from several tables repeat labels
         close = group[group["R@1"] >= slow_r1 - tolerance]
         chosen = close.iloc[0] if len(close) else group.loc[group["R@1"].idxmax()]
         rows[method] = {

@@ -109,6 +109,19 @@ def recall_bars(table: pd.DataFrame, title: str):
     return grid.figure
 
 
+def twin_accuracy_bars(table: pd.DataFrame, title: str = "does the model prefer the right item over its twin?"):
+    """Bars of :func:`fastslow.analysis.twin_accuracy` (methods x twin kinds, in %), with chance
+    (50%: a model that cannot tell the twins apart picks either) as a dashed line."""
+    long = table.reset_index().melt(id_vars="method", var_name="twin kind", value_name="prefers the right one (%)")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(table) + 2.5), 3.6))
+    sns.barplot(data=long, x="twin kind", y="prefers the right one (%)", hue="method", ax=ax)
+    ax.axhline(50, color="gray", linestyle="--", linewidth=0.8)
+    ax.set(ylim=(0, 100), title=title, xlabel="")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
 def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int | None = None):
     """Each clip's frames in a row, left to right in time, under its first caption (and its twin
     kind, when it has a twin). Images (one frame) work too."""

@@ -73,7 +73,7 @@ def test_config_gives_the_pretrained_backbone_its_image_size_and_refuses_clips()
     cfg = make_config("smoke", dataset="flickr8k", data_dir="x", backbone="pretrained")
     assert cfg.data.image_size == 224 and cfg.cross.encoder.min_word_count == 5
     assert make_config("smoke").dual.encoder.min_word_count == 1
-    with pytest.raises(ValueError, match="built for images"):
+    with pytest.raises(ValueError, match="pretrained video towers are not built"):
         make_config("smoke", dataset="shapes-video", backbone="pretrained")
 
 

@@ -6,6 +6,11 @@ the tower's map at that scale, as in a feature pyramid) -> visual tokens (the fi
 plus 2-D positions, projected to the decoder width) -> caption decoders (causal self-attention over
 the caption, cross-attention to the visual tokens).
 
+A clip of T frames goes through the same tower and upsampler frame by frame (time folded into the
+batch); each frame's grid cells get the same 2-D positions plus a learned embedding of the frame's
+time, and the clip's visual tokens are all T x h x w of them: caption words attend over space and
+time at once, and everything after the visual tokens is the same code for images and clips.
+
 The score of a pair, higher = better match, depends on the training objective:
 
 * ``bidirectional``: mean per-token log-probability of the caption under the forward
@@ -37,7 +42,7 @@ from torch import nn
 
 from fastslow.config import OBJECTIVES, CrossAttentionConfig
 from fastslow.data.text import WordTokenizer
-from fastslow.models.encoders import FeatureImages, build_image_tower, model_input, trim_padding
+from fastslow.models.encoders import FeatureImages, build_image_tower, frames_per_item, model_input, trim_padding
 
 PAD_ID = WordTokenizer.pad_id
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per decoder layer
@@ -219,7 +224,8 @@ class CrossAttentionModel(nn.Module):
     """Image tower, progressive upsampler, visual tokens, and one caption decoder per reading
     direction (two for ``bidirectional``, the forward one otherwise), plus a match head for ``itm``."""
 
-    def __init__(self, vocab_size: int, config: CrossAttentionConfig, image_size: int):
+    def __init__(self, vocab_size: int, config: CrossAttentionConfig, image_size: int, frames: int = 1):
+        """``frames``: frames per clip the time embedding is built for (1 for images: none)."""
         super().__init__()
         if config.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {config.objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -241,6 +247,11 @@ class CrossAttentionModel(nn.Module):
         self.directions = ("left_to_right", "right_to_left") if config.objective == "bidirectional" else ("left_to_right",)
         self.decoders = nn.ModuleDict({d: CaptionDecoder(vocab_size, config) for d in self.directions})
         self.match_head = nn.Linear(config.width, 1) if config.objective == "itm" else None
+        # Built last and only for clips, so an image model's weights draw the same random numbers as
+        # before clips existed. At the scale of the 2-D positions, for the same reason as theirs.
+        self.time_embedding = nn.Parameter(torch.zeros(frames, config.width)) if frames > 1 else None
+        if self.time_embedding is not None:
+            nn.init.normal_(self.time_embedding, std=POSITION_INIT_STD)
 
     def train(self, mode: bool = True) -> CrossAttentionModel:
         """A frozen tower stays in evaluation mode: its batch-norm statistics are part of it."""
@@ -250,11 +261,22 @@ class CrossAttentionModel(nn.Module):
         return self
 
     def encode_images(self, images: torch.Tensor | FeatureImages) -> torch.Tensor:
-        """Normalised ``(B, 3, H, W)`` images (or their frozen features) to ``(B, T, W)`` visual
-        tokens (T = grid cells)."""
-        grid = self.upsampler(self.image_tower(images))
+        """Normalised ``(B, 3, H, W)`` images (or their frozen features) to ``(B, h * w, W)`` visual
+        tokens (the grid cells), or ``(B, T, 3, H, W)`` clips to ``(B, T * h * w, W)``
+        spatio-temporal ones (frame by frame: every cell of the first frame, then of the second, ...)."""
         positions = (self.row_embedding[:, None, :] + self.column_embedding[None, :, :]).flatten(0, 1)
-        return self.visual_norm(self.visual_projection(grid.flatten(2).transpose(1, 2) + positions))
+        if isinstance(images, torch.Tensor) and images.ndim == 5:
+            frames = images.shape[1]
+            if self.time_embedding is None or frames > len(self.time_embedding):
+                built = 0 if self.time_embedding is None else len(self.time_embedding)
+                raise ValueError(f"clips of {frames} frames; the model was built for {built} (frames=... at construction)")
+            grid = self.upsampler(self.image_tower(images.flatten(0, 1)))
+            cells = grid.flatten(2).transpose(1, 2).unflatten(0, images.shape[:2])  # (B, T, h * w, W)
+            tokens = (cells + positions + self.time_embedding[:frames, None, :]).flatten(1, 2)
+        else:
+            grid = self.upsampler(self.image_tower(images))
+            tokens = grid.flatten(2).transpose(1, 2) + positions
+        return self.visual_norm(self.visual_projection(tokens))
 
     def visual_keys_values(self, visual: torch.Tensor) -> dict[str, KeysValues]:
         return {d: decoder.visual_keys_values(visual) for d, decoder in self.decoders.items()}
@@ -311,9 +333,11 @@ class CrossAttentionModel(nn.Module):
 def visual_tokens(
     model: CrossAttentionModel, images: np.ndarray | FeatureImages, device: str = "cpu", batch_size: int = 256
 ) -> torch.Tensor:
-    """``(N, T, W)`` visual tokens of uint8 ``(N, H, W, 3)`` images (or their frozen features), left
-    on ``device``: computed once per gallery, then indexed by :func:`pair_scores` for every query."""
+    """``(N, tokens, W)`` visual tokens of uint8 ``(N, H, W, 3)`` images (or their frozen features)
+    or ``(N, T, H, W, 3)`` clips (computed in batches of about ``batch_size`` frames), left on
+    ``device``: computed once per gallery, then indexed by :func:`pair_scores` for every query."""
     model.eval()
+    batch_size = max(1, batch_size // frames_per_item(images))
     chunks = [
         model.encode_images(model_input(images[i : i + batch_size], device))
         for i in range(0, len(images), batch_size)
@@ -395,13 +419,14 @@ def pair_scores(
 
 
 @torch.no_grad()
-def cross_attention_maps(model: CrossAttentionModel, image: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
+def cross_attention_maps(model: CrossAttentionModel, image: np.ndarray | FeatureImages, tokens: torch.Tensor) -> torch.Tensor:
     """Where the forward decoder looks while predicting each token of one caption.
 
     ``image``: a batch of one image, ``images[i : i + 1]`` of uint8 pixels or of frozen features;
     ``tokens`` ``(L,)`` ids; returns ``(layers, predicted tokens, h, w)``
     cross-attention weights averaged over heads, row ``t`` being the map used to predict token
-    ``t + 1`` (the word after BOS first, EOS last).
+    ``t + 1`` (the word after BOS first, EOS last). A batch of one clip, ``(1, T, H, W, 3)``, gives
+    ``(layers, predicted tokens, T, h, w)``.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -411,7 +436,8 @@ def cross_attention_maps(model: CrossAttentionModel, image: np.ndarray, tokens: 
     keys_values = model.visual_keys_values(visual)["left_to_right"]
     _, weights = model.decoder_states("left_to_right", inputs, keys_values)
     maps = torch.stack([w[0].mean(0) for w in weights])  # (layers, L, T)
-    return maps.view(*maps.shape[:2], *model.grid_shape).cpu()
+    frames = (frames_per_item(image),) if frames_per_item(image) > 1 else ()
+    return maps.view(*maps.shape[:2], *frames, *model.grid_shape).cpu()
 
 
 def itm_negatives(image_index: torch.Tensor, twin: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -32,13 +32,16 @@ def images_to_tensor(
     mean: tuple[float, float, float] = PIXEL_MEAN,
     std: tuple[float, float, float] = PIXEL_STD,
 ) -> torch.Tensor:
-    """uint8 ``(B, H, W, 3)`` images to normalised float ``(B, 3, H, W)`` on ``device``.
+    """uint8 ``(B, H, W, 3)`` images to normalised float ``(B, 3, H, W)`` on ``device``; clips
+    ``(B, T, H, W, 3)`` to ``(B, T, 3, H, W)`` (the time axis stays: the models fold it into the batch).
 
     ``mean``/``std`` are per channel on the [0, 1] scale (a pretrained backbone passes its own)."""
     tensor = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    tensor = tensor.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    if tensor.ndim not in (4, 5) or tensor.shape[-1] != 3:
+        raise ValueError(f"expected (B, H, W, 3) images or (B, T, H, W, 3) clips, got shape {tuple(tensor.shape)}")
+    tensor = tensor.to(device).movedim(-1, -3).float().div_(255.0)
+    mean = torch.tensor(mean, device=device).view(3, 1, 1)
+    std = torch.tensor(std, device=device).view(3, 1, 1)
     return (tensor - mean) / std
 
 
@@ -77,6 +80,12 @@ def text_input(texts: torch.Tensor) -> torch.Tensor:
     """A batch of what a text tower reads: token ids with the shared padding trimmed, or frozen
     sentence features (float) as they are."""
     return texts if texts.is_floating_point() else trim_padding(texts)
+
+
+def frames_per_item(images: np.ndarray | torch.Tensor | FeatureImages) -> int:
+    """Frames of each item of a batch: 1 for ``(N, H, W, 3)`` images (and frozen image features),
+    T for ``(N, T, H, W, 3)`` clips."""
+    return images.shape[1] if getattr(images, "ndim", 4) == 5 else 1
 
 
 def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
