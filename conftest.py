@@ -2,10 +2,12 @@
 
 nbval starts each notebook's kernel with this process's environment, so the
 variables set here reach the notebooks: they run with the smoke profile (every
-notebook in well under a minute) and a non-interactive matplotlib backend.
+notebook in well under a minute), a non-interactive matplotlib backend, and
+FASTSLOW_BATCH (no interactive widgets).
 An explicit ``FASTSLOW_PROFILE=...`` in the environment still wins.
 """
 import os
 
 os.environ.setdefault("FASTSLOW_PROFILE", "smoke")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("FASTSLOW_BATCH", "1")

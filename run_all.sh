@@ -149,6 +149,7 @@ case ":${GLIBC_TUNABLES:-}:" in
 esac
 export MPLBACKEND=Agg
 export FASTSLOW_PROFILE="$profile"
+export FASTSLOW_BATCH=1  # no one watches: interactive widgets stay idle (fastslow.plots.search_widget)
 
 if [[ $mode == tests ]]; then
     echo "== python -m pytest ${test_args[*]:-} (FASTSLOW_PROFILE=$profile)"

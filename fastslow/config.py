@@ -118,7 +118,8 @@ class CrossAblationConfig:
     """Notebook 03's ablations of the Slow model (upsampling steps, training objective): every
     variant trains with ``train`` (a smaller budget than the main model's, so that all of them fit
     the profile's time) and is scored on the first ``queries`` headline queries against the whole
-    test gallery; the variants are compared among themselves."""
+    test gallery; the variants are compared among themselves. ``queries = 0`` skips them (their
+    rows are then absent)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     queries: int = 1000
@@ -160,14 +161,19 @@ class PretrainedBudget:
     The Fast heads on frozen features train in seconds, but on real captions the Slow model costs
     about ten times more per pair than on ``shapes``: every token's softmax spans a vocabulary of
     ~2,000 words instead of ~50, and its upsampler works on a 14x14 grid of 112- and 320-channel
-    features instead of 6x6. These budgets keep the whole quick study on Flickr8k (4,000 training
-    images, a 1,000-image dev gallery) within 20 minutes on 2 cores, feature extraction included.
-    ``headline_queries`` caps the headline query set (the first caption of the first images).
+    features instead of 6x6. These budgets aim to keep the whole quick study on Flickr8k (4,000
+    training images, a 1,000-image dev gallery) near 20 minutes on 2 cores, feature extraction
+    included: ``headline_queries`` caps the headline query set (the first caption of the first
+    images); ``cross_ablation`` may skip the Slow model's ablations (with two epochs per variant
+    they scored at chance on Flickr8k: noise that took 7 of the run's minutes); ``rerank`` measures
+    latency on fewer queries and the index scaling to 100k only (the 1M benchmark of the shapes
+    run measures the same indexes on the same kind of vectors).
     """
 
     train_cross: TrainConfig
     cross_ablation: CrossAblationConfig
     headline_queries: int
+    rerank: RerankConfig
 
 
 @dataclass(frozen=True)
@@ -246,8 +252,9 @@ PROFILES: dict[str, Profile] = {
         ),
         pretrained=PretrainedBudget(
             train_cross=TrainConfig(epochs=5, batch_size=128),
-            cross_ablation=CrossAblationConfig(TrainConfig(epochs=2, batch_size=128), queries=100),
+            cross_ablation=CrossAblationConfig(TrainConfig(epochs=2, batch_size=128), queries=0),
             headline_queries=500,
+            rerank=RerankConfig(latency_queries=5, scale_sizes=(1_000, 10_000, 100_000)),
         ),
     ),
     "full": Profile(
@@ -342,7 +349,7 @@ def make_config(
         cross=CrossAttentionConfig(encoder=encoder),
         train_cross=budget.train_cross if budget else sizes.train_cross,
         cross_ablation=budget.cross_ablation if budget else chosen.cross_ablation,
-        rerank=chosen.rerank,
+        rerank=budget.rerank if budget else chosen.rerank,
         headline_captions_per_image=chosen.headline_captions_per_image,
         headline_max_queries=budget.headline_queries if budget else None,
         seed=seed,

@@ -347,6 +347,9 @@ def cross_attention_variants(
     cost per pair, and the pairs per second of the batched evaluation), and its training record.
     """
     results = {}
+    if len(queries) == 0:
+        log.info("Slow-model ablations skipped: the profile gives them no queries for this backbone")
+        return results
     for name, variant in variants.items():
         trained = cross_attention(cfg, data, **variant)
         gallery = visual_tokens(trained.model, data.visual["test"], cfg.device)

@@ -76,3 +76,15 @@ def test_order_scores_reproduce_the_ranking_for_the_metrics():
 def test_k_values_end_at_the_gallery_size():
     assert k_values(30) == [1, 2, 5, 10, 20, 30]
     assert k_values(1000)[-1] == 1000
+
+
+def test_the_search_box_stays_idle_in_batch_runs(monkeypatch):
+    from fastslow import plots
+
+    class NoSearch:
+        def search(self, *args, **kwargs):
+            raise AssertionError("a batch run must not search inside a widget")
+
+    monkeypatch.setenv("FASTSLOW_BATCH", "1")
+    box = plots.search_widget(NoSearch(), gallery=None, query="a red circle")
+    assert box.value == "a red circle"
