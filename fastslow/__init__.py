@@ -9,12 +9,15 @@ __version__ = "0.1.0"
 
 @functools.lru_cache(maxsize=2)
 def _searcher(profile: str | None):
-    from fastslow import pipeline
+    from fastslow import stages
     from fastslow.config import make_config
+    from fastslow.rerank import Searcher
 
     cfg = make_config(profile)
-    data = pipeline.study(cfg)
-    return pipeline.searcher(cfg, data, pipeline.dual_encoder(cfg, data), pipeline.cross_attention(cfg, data))
+    data = stages.load_study(cfg)
+    fast = stages.train_or_load_dual_encoder(cfg, data)
+    slow = stages.train_or_load_cross_attention(cfg, data)
+    return Searcher(fast.model, slow.model, data, cfg.device)
 
 
 def search(query: str, k: int = 5, rerank_k: int = 20, profile: str | None = None):

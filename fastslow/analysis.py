@@ -81,15 +81,17 @@ def bag_of_words_oracle_scores(split: CaptionedImages, queries: np.ndarray, word
     from fastslow.data.text import split_words
 
     vocabulary = {word: i for i, word in enumerate(words)}
-    counts = np.zeros((split.num_captions, len(vocabulary)), dtype=np.float32)
+    counts = np.zeros((split.num_captions, len(vocabulary)), dtype=np.int64)
     for row, caption in enumerate(split.captions):
         for word in split_words(caption):
             if word in vocabulary:
                 counts[row, vocabulary[word]] += 1
-    counts /= np.linalg.norm(counts, axis=1, keepdims=True).clip(min=1e-6)
-    similarity = counts[queries] @ counts.T  # (queries, captions)
+    # Integer dot products are exact, so twins (the same words) tie exactly on every machine; a
+    # float matrix product may sum in another order and break the tie by rounding.
+    norms = np.sqrt((counts * counts).sum(1)).clip(min=1e-6)
+    similarity = (counts[queries] @ counts.T) / (norms[queries, None] * norms[None, :])  # (queries, captions)
     similarity[np.arange(len(queries)), queries] = -np.inf
-    scores = np.full((len(queries), len(split)), -np.inf, dtype=np.float32)
+    scores = np.full((len(queries), len(split)), -np.inf)
     np.maximum.at(scores.T, split.caption_image, similarity.T)
     return scores
 
@@ -111,16 +113,6 @@ def split_statistics(splits: dict[str, CaptionedImages], tokenizer) -> pd.DataFr
         }
     frame = pd.DataFrame(rows)
     frame.loc["vocabulary (train)"] = tokenizer.vocab_size
-    return frame
-
-
-def mean_std(table: pd.DataFrame, by: list[str], values: tuple[str, ...] = ("R@1", "R@5", "R@10")) -> pd.DataFrame:
-    """``mean ± std`` over seeds of summary rows, as text, with the number of seeds."""
-    grouped = table.groupby(by)
-    frame = pd.DataFrame(
-        {v: grouped[v].mean().round(1).astype(str) + " ± " + grouped[v].std(ddof=1).fillna(0).round(1).astype(str) for v in values}
-    )
-    frame["seeds"] = grouped["seed"].nunique()
     return frame
 
 

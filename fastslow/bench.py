@@ -11,7 +11,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fastslow.models.encoders import text_input, trim_padding
+from fastslow.cache import load_or_build
+from fastslow.config import StudyConfig
+from fastslow.index import VectorIndex, recall_against_exact, single_threaded
+from fastslow.inputs import text_input, trim_padding
+from fastslow.models.cross_attention import pair_scores
+from fastslow.models.dual_encoder import embed_images, embed_texts
+from fastslow.stages import Study, Trained
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -38,8 +44,6 @@ def fast_query_ms(model, index, texts: torch.Tensor, device: str = "cpu", k: int
     frozen sentence features, whose encoder then is not part of the time). Queries run one at a
     time, as a user's would; the median over ``repeats`` passes is reported.
     """
-    from fastslow.index import single_threaded
-
     queries = [text_input(texts[i : i + 1]).to(device) for i in range(len(texts))]
 
     @torch.no_grad()
@@ -81,8 +85,6 @@ def index_scaling(
     The real ``gallery`` embeddings come first; :func:`filler_vectors` extend it to each size.
     Queries are searched one at a time (as a user's would), median over ``repeats`` passes.
     """
-    from fastslow.index import VectorIndex, recall_against_exact, single_threaded
-
     largest = max(sizes)
     filler = filler_vectors(gallery, max(0, largest - len(gallery)), seed)
     everything = np.concatenate([gallery.float().numpy(), filler])[:largest]
@@ -122,9 +124,6 @@ def fast_slow_query_ms(
     """Per-query latency of Fast+Slow: encode the caption (``texts``, as in :func:`fast_query_ms`),
     search the top ``k``, score those ``k`` with the Slow model (``tokens``: the same captions' word
     ids) against the gallery's cached visual tokens. One query at a time."""
-    from fastslow.index import single_threaded
-    from fastslow.models.cross_attention import pair_scores
-
     queries = [(text_input(texts[i : i + 1]).to(device), trim_padding(tokens[i : i + 1]).to(device)) for i in range(len(tokens))]
 
     @torch.no_grad()
@@ -139,8 +138,6 @@ def fast_slow_query_ms(
 
 def slow_only_query_ms(slow_model, gallery_tokens: torch.Tensor, tokens: torch.Tensor, device: str = "cpu", repeats: int = 3) -> float:
     """Per-query latency of the Slow model alone: every gallery image scored for one caption."""
-    from fastslow.models.cross_attention import pair_scores
-
     everyone = torch.arange(len(gallery_tokens))[None]
     queries = [trim_padding(tokens[i : i + 1]).to(device) for i in range(len(tokens))]
 
@@ -149,3 +146,55 @@ def slow_only_query_ms(slow_model, gallery_tokens: torch.Tensor, tokens: torch.T
             pair_scores(slow_model, gallery_tokens, query, everyone)
 
     return ms_per_item(run_all, items=len(queries), repeats=repeats)
+
+def fast_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataFrame:
+    """:func:`fastslow.bench.index_scaling` on the dual encoder's test embeddings, cached."""
+    key = {"model": fast.config_hash, "rerank": cfg.rerank, "data": cfg.data}
+
+    def build() -> pd.DataFrame:
+        gallery = embed_images(fast.model, data.visual["test"], cfg.device)
+        queries = data.headline_queries()[: max(20, cfg.rerank.latency_queries)]
+        query_embeddings = embed_texts(fast.model, data.texts["test"][torch.as_tensor(queries)], cfg.device)
+        factories = {"exact": "Flat", **dict(cfg.rerank.approximate_indexes)}
+        return index_scaling(gallery, query_embeddings, cfg.rerank.scale_sizes, factories, seed=cfg.seed)
+
+    return load_or_build("index_scaling", key, build)
+
+
+def latency_by_gallery_size(scaling: pd.DataFrame, slow_ms_per_pair: float, k: int, fast_slow_ms: float) -> pd.DataFrame:
+    """Per-query latency by gallery size: each index measured; Slow-only measured at the real
+    gallery and extrapolated (cost per pair x size) beyond it; Fast+Slow from measured parts (HNSW
+    search at that size + the measured encode-and-score-K cost at the real gallery)."""
+    rows = [
+        {"method": f"Fast ({r.index})", "gallery_size": r.gallery_size, "ms_per_query": r.ms_per_query, "measured": True}
+        for r in scaling.itertuples()
+    ]
+    real_size = int(scaling["gallery_size"].min())
+    exact_at_real = float(scaling[(scaling["index"] == "exact") & (scaling["gallery_size"] == real_size)]["ms_per_query"].iloc[0])
+    encode_and_rerank = max(0.0, fast_slow_ms - exact_at_real)
+    for r in scaling[scaling["index"] == "HNSW"].itertuples():
+        rows.append({"method": f"Fast+Slow (HNSW, K={k})", "gallery_size": r.gallery_size,
+                     "ms_per_query": r.ms_per_query + encode_and_rerank, "measured": r.gallery_size == real_size})
+    for size in sorted(scaling["gallery_size"].unique()):
+        rows.append({"method": "Slow only", "gallery_size": size, "ms_per_query": slow_ms_per_pair * size, "measured": size == real_size})
+    return pd.DataFrame(rows)
+
+
+def billion_scale_arithmetic(scaling: pd.DataFrame, slow_ms_per_pair: float, k: int, items: int = 10**9, shard_size: int = 10**8) -> pd.DataFrame:
+    """What serving ``items`` would take, from the numbers measured at the largest size."""
+    largest = int(scaling["gallery_size"].max())
+    at_largest = scaling[scaling["gallery_size"] == largest].set_index("index")["ms_per_query"]
+    pq_bytes = 16  # IVF-PQ16x4fs stores 16 bytes per item (plus an 8-byte id)
+    shards = -(-items // shard_size)
+    per_shard_ms = at_largest.get("IVF-PQ", float("nan")) * shard_size / largest
+    return pd.DataFrame(
+        {
+            "quantity": [
+                "items", "IVF-PQ memory, all shards (GB)", f"shards of {shard_size:.0e} items", "IVF-PQ search per shard, linear from measured (ms)",
+                f"Slow re-rank of K={k} (ms)", "Slow over every item, one query (hours)",
+            ],
+            "value": [
+                items, items * (pq_bytes + 8) / 1e9, shards, per_shard_ms, k * slow_ms_per_pair, items * slow_ms_per_pair / 3.6e6,
+            ],
+        }
+    )

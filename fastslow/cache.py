@@ -7,8 +7,6 @@ leaves a half-written file that a later run would trust.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -19,31 +17,15 @@ from typing import Any, TypeVar
 
 import torch
 
+from fastslow.config import REPO_ROOT, config_hash, to_jsonable
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def cache_root() -> Path:
     root = Path(os.environ.get("FASTSLOW_CACHE", REPO_ROOT / ".cache" / "fastslow"))
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def to_jsonable(config: Any) -> Any:
-    if dataclasses.is_dataclass(config):
-        return {f.name: to_jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    if isinstance(config, dict):
-        return {str(k): to_jsonable(v) for k, v in config.items()}
-    if isinstance(config, (list, tuple)):
-        return [to_jsonable(v) for v in config]
-    return config
-
-
-def config_hash(config: Any) -> str:
-    text = json.dumps(to_jsonable(config), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

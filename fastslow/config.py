@@ -8,12 +8,16 @@ the cache (:mod:`fastslow.cache`): a changed parameter never reuses a stale mode
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
-
-import torch
+from pathlib import Path
+from typing import Any
 
 DATASETS = ("shapes", "shapes-video", "folder", "flickr8k", "flickr30k", "coco", "vatex", "msrvtt")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 GENERATED_DATASETS = ("shapes", "shapes-video")  # made by the package, no data_dir
 VIDEO_DATASETS = ("shapes-video", "vatex", "msrvtt")  # captioned clips: a profile's video sizes apply
 BACKBONES = ("tiny", "pretrained")
@@ -129,7 +133,7 @@ class CrossAblationConfig:
 class DistillConfig:
     """Slow -> Fast distillation (:mod:`fastslow.distill`): the student starts from the trained
     dual encoder and is fine-tuned for ``train.epochs`` on fixed hard batches, with a teacher
-    ("tfs", "dcd") or without one ("none": the same budget, the control)."""
+    ("tfs", "dcd") or without one ("control": the same budget)."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=64, lr=5e-4, patience=3))
     teacher_temperature: float = 0.1
@@ -289,6 +293,8 @@ def default_profile() -> str:
 
 
 def default_device() -> str:
+    import torch  # here, not at the top: the reporting layer reads configs without torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -355,3 +361,21 @@ def make_config(
         seed=seed,
         device=device or default_device(),
     )
+
+
+# --- hashing: what keys the cache and names a result's config ---------------------------------
+
+
+def to_jsonable(config: Any) -> Any:
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {str(k): to_jsonable(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [to_jsonable(v) for v in config]
+    return config
+
+
+def config_hash(config: Any) -> str:
+    text = json.dumps(to_jsonable(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

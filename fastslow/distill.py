@@ -2,6 +2,7 @@
 
 Both fine-tune the trained dual encoder (the student) on the same fixed batches for the same
 number of epochs; a control run does the same with no teacher, so a difference is the teacher's.
+The losses are :func:`fastslow.losses.distillation_loss`.
 
 Candidates are **in-batch**: each caption's candidates are the batch's images (and each image's
 the batch's captions). Batches are fixed once and made hard: each groups an image with its nearest
@@ -33,14 +34,16 @@ from tqdm.auto import tqdm
 from fastslow.cache import load_or_build
 from fastslow.config import StudyConfig
 from fastslow.data.types import CaptionedImages
-from fastslow.losses import distillation_kl, dynamic_sample_weights, keep_hardest_negatives, symmetric_info_nce
+from fastslow.models.cross_attention import pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, embed_images
-from fastslow.models.encoders import model_input, text_input
+from fastslow.inputs import model_input, text_input
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "tfs", "dcd")
-METHOD_NAMES = {"none": "dual_encoder", "tfs": "distilled_tfs", "dcd": "distilled_dcd"}
+# "control": the same fine-tuning with no teacher, so a difference is the teacher's.
+METHODS = ("control", "tfs", "dcd")
+# The method words of summary.csv.
+METHOD_NAMES = {"control": "control", "tfs": "distilled_tfs", "dcd": "distilled_dcd"}
 
 
 def hard_batches(embeddings: torch.Tensor, batch_size: int, seed: int) -> np.ndarray:
@@ -73,8 +76,6 @@ def fixed_captions(split: CaptionedImages, seed: int) -> np.ndarray:
 
 def teacher_batch_scores(teacher, visual, tokens: torch.Tensor, batches: np.ndarray, captions: np.ndarray, device: str) -> torch.Tensor:
     """The teacher's ``(batches, B, B)`` scores: caption of image ``b[i]`` against image ``b[j]``."""
-    from fastslow.models.cross_attention import pair_scores, visual_tokens
-
     size = batches.shape[1]
     everyone = torch.arange(size).expand(size, size)
     scores = []
@@ -107,45 +108,21 @@ class DistillBatches:
             }
 
 
-def student_loss(method: str, config, logits: torch.Tensor, teacher: torch.Tensor, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one batch (see the module docstring for the formulas)."""
-    contrastive = symmetric_info_nce(logits)
-    if method == "none":
-        return contrastive, {}
-    teacher_logits = teacher / config.teacher_temperature
-    if method == "tfs":
-        kl = 0.5 * (distillation_kl(logits, teacher_logits) + distillation_kl(logits.T, teacher_logits.T))
-        return config.tfs_alpha * contrastive + (1 - config.tfs_alpha) * kl, {"kl": kl.item()}
-    diagonal = torch.arange(len(logits), device=logits.device)
-    directions = []
-    extras: dict[str, float] = {}
-    for name, student, scores in (("t2i", logits, teacher_logits), ("i2t", logits.T, teacher_logits.T)):
-        keep = keep_hardest_negatives(scores, diagonal, config.dcd_hard_negatives)
-        kept_scores = scores.masked_fill(~keep, float("-inf"))
-        weights = dynamic_sample_weights(torch.softmax(kept_scores, dim=-1), progress, config.dcd_sharpness)
-        directions.append(distillation_kl(student, kept_scores, weights=weights))
-        extras[f"weight_min_{name}"] = weights.min().item()
-        extras[f"weight_max_{name}"] = weights.max().item()
-    kl = 0.5 * (directions[0] + directions[1])
-    extras["kl"] = kl.item()
-    return config.dcd_alpha * contrastive + (1 - config.dcd_alpha) * kl, extras
-
-
 def distillation_key(cfg: StudyConfig, student_key: Any, teacher_key: Any, method: str, seed: int) -> dict[str, Any]:
     return {"student": student_key, "teacher": teacher_key, "distill": cfg.distill, "method": method, "seed": seed}
 
 
-def prepare(cfg: StudyConfig, data, student: DualEncoder, teacher, student_key: Any, teacher_key: Any) -> dict[str, Any]:
-    """Fixed batches, fixed captions and the teacher's cached scores on them."""
+def prepare(cfg: StudyConfig, data, student: DualEncoder, teacher, student_key: Any, teacher_key: Any, seed: int) -> dict[str, Any]:
+    """Fixed batches, fixed captions and the teacher's cached scores on them, drawn from ``seed``:
+    seeds of a multi-seed comparison differ in their batches and captions as well as in their order."""
     train = data.splits["train"]
     batch_size = min(cfg.distill.train.batch_size, len(train))
-    key = {"student": student_key, "teacher": teacher_key, "batch_size": batch_size}
+    key = {"student": student_key, "teacher": teacher_key, "batch_size": batch_size, "seed": seed}
 
     def build() -> dict[str, Any]:
-        batches = hard_batches(embed_images(student, data.visual["train"], cfg.device), batch_size, seed=0)
-        captions = fixed_captions(train, seed=0)
+        batches = hard_batches(embed_images(student, data.visual["train"], cfg.device), batch_size, seed=seed)
+        captions = fixed_captions(train, seed=seed)
         scores = teacher_batch_scores(teacher, data.visual["train"], data.tokens["train"], batches, captions, cfg.device)
         return {"batches": batches, "captions": captions, "teacher_scores": scores}
 
     return load_or_build("teacher_scores", key, build)
-

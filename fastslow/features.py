@@ -41,11 +41,9 @@ from tqdm.auto import tqdm
 from fastslow.cache import artifact_path, atomic_torch_save, load_or_build
 from fastslow.config import DataConfig, StudyConfig, default_device
 from fastslow.data import CaptionedImages, load_dataset
-from fastslow.models.pretrained import EFFICIENTNET_LITE0, MINILM_L6, image_backbone, text_backbone
+from fastslow.inputs import EFFICIENTNET_LITE0, MAX_CAPTION_TOKENS, MINILM_L6
+from fastslow.models.pretrained import image_backbone, text_backbone
 
-# MiniLM word pieces per caption, [CLS] and [SEP] included. Flickr8k captions have 14 on average,
-# 26 at the 99th percentile; 32 truncates about 1 in 800.
-MAX_CAPTION_TOKENS = 32
 # Items per chunk written to disk: what an interruption can lose (15-40 s of work on 2 cores).
 IMAGES_PER_CHUNK = 256
 CAPTIONS_PER_CHUNK = 2048

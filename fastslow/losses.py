@@ -1,9 +1,15 @@
-"""Every loss of the study, in one place."""
+"""Every loss of the study, in one place: the Fast model's contrastive loss, the Slow model's
+training objectives and the distillation losses (TFS, DCD) of a student."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fastslow.config import DistillConfig
+from fastslow.inputs import PAD_ID
+from fastslow.models.cross_attention import CrossAttentionModel, itm_negatives, teacher_forcing
 
 
 def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
@@ -65,7 +71,7 @@ def dynamic_sample_weights(teacher_probs: torch.Tensor, progress: float, sharpne
     return len(teacher_probs) * torch.softmax(gamma * (1.0 - normalised), dim=0)
 
 
-def captioning_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+def captioning_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
     """Teacher-forced captioning loss: next-token cross-entropy averaged over the real (non-padding)
     target tokens of the batch. ``logits`` is ``(..., vocab)``, ``targets`` the matching ``(...)``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id)
@@ -74,3 +80,58 @@ def captioning_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0)
 def itm_bce(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
     """Image-text matching: binary cross-entropy of one logit per pair against match (1) / not (0)."""
     return F.binary_cross_entropy_with_logits(logits, matches.float())
+
+
+def cross_attention_loss(twin: np.ndarray):
+    """The training loss of a Slow model, by its objective: captioning likelihood of the matched
+    pairs (token-averaged, summed over the decoders' directions), or ITM's binary cross-entropy
+    over each matched pair, its hard negative and a random one
+    (:func:`~fastslow.models.cross_attention.itm_negatives`; ``twin`` of the training split).
+    """
+
+    def loss_fn(model: CrossAttentionModel, batch: dict[str, torch.Tensor], progress: float):
+        tokens = batch["tokens"]
+        keys_values = model.visual_keys_values(model.encode_images(batch["images"]))
+        if model.objective == "itm":
+            pairs = torch.arange(len(tokens), device=tokens.device)
+            negatives = itm_negatives(batch["image_index"].cpu(), twin).to(tokens.device)
+            logits = model.score_pairs(tokens, keys_values, pairs, torch.cat([pairs[:, None], negatives], 1))
+            matches = torch.zeros_like(logits)
+            matches[:, 0] = 1.0
+            return itm_bce(logits, matches)
+        losses = {}
+        for direction in model.directions:
+            inputs, targets = teacher_forcing(tokens, direction)
+            states, _ = model.decoder_states(direction, inputs, keys_values[direction])
+            losses[direction] = captioning_nll(model.decoders[direction].head(states), targets[:, None])
+        return sum(losses.values()), {f"nll_{d}": v.item() for d, v in losses.items()}
+
+    return loss_fn
+
+
+def distillation_loss(
+    method: str, config: DistillConfig, logits: torch.Tensor, teacher: torch.Tensor, progress: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A student's loss on one batch (formulas in :mod:`fastslow.distill`): its own contrastive
+    loss alone (``control``), plus the TFS KL term, or plus DCD's weighted KL over the
+    teacher-picked hard candidates. ``teacher``: the teacher's scores of the batch's pairs."""
+    contrastive = symmetric_info_nce(logits)
+    if method == "control":
+        return contrastive, {}
+    teacher_logits = teacher / config.teacher_temperature
+    if method == "tfs":
+        kl = 0.5 * (distillation_kl(logits, teacher_logits) + distillation_kl(logits.T, teacher_logits.T))
+        return config.tfs_alpha * contrastive + (1 - config.tfs_alpha) * kl, {"kl": kl.item()}
+    diagonal = torch.arange(len(logits), device=logits.device)
+    directions = []
+    extras: dict[str, float] = {}
+    for name, student, scores in (("t2i", logits, teacher_logits), ("i2t", logits.T, teacher_logits.T)):
+        keep = keep_hardest_negatives(scores, diagonal, config.dcd_hard_negatives)
+        kept_scores = scores.masked_fill(~keep, float("-inf"))
+        weights = dynamic_sample_weights(torch.softmax(kept_scores, dim=-1), progress, config.dcd_sharpness)
+        directions.append(distillation_kl(student, kept_scores, weights=weights))
+        extras[f"weight_min_{name}"] = weights.min().item()
+        extras[f"weight_max_{name}"] = weights.max().item()
+    kl = 0.5 * (directions[0] + directions[1])
+    extras["kl"] = kl.item()
+    return config.dcd_alpha * contrastive + (1 - config.dcd_alpha) * kl, extras

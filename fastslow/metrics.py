@@ -3,7 +3,8 @@
 Scores are a ``(num_captions, num_images)`` matrix, higher is better. Text-to-image: every caption
 is a query and the rank of its own image counts. Image-to-text: every image is a query and the best
 rank among its own captions counts. Ranks are 1-based; ties are broken pessimistically (an equal
-score ranks above), so a constant scorer cannot look good.
+score ranks above), so a constant scorer cannot look good, and the rule needs no order of the
+gallery: the same scores give the same ranks on every machine.
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ def rank_summary(ranks: np.ndarray) -> dict[str, float]:
     return summary
 
 
-def retrieval_metrics(scores, caption_image: np.ndarray) -> dict[str, dict[str, float]]:
-    """R@1/5/10, median and mean rank in both directions, and RSUM (sum of the six recalls)."""
+def retrieval_metrics(scores, caption_image: np.ndarray) -> dict[str, dict]:
+    """R@1/5/10, median and mean rank in both directions, RSUM (sum of the six recalls), and the
+    per-query ranks behind them (``result["ranks"]["t2i"]``: one per caption row; ``["i2t"]``: one
+    per image that has a caption among the rows), from which intervals are bootstrapped."""
     caption_image = np.asarray(caption_image)
-    result = {
-        "t2i": rank_summary(text_to_image_ranks(scores, caption_image)),
-        "i2t": rank_summary(image_to_text_ranks(scores, caption_image)),
-    }
+    ranks = {"t2i": text_to_image_ranks(scores, caption_image), "i2t": image_to_text_ranks(scores, caption_image)}
+    result: dict[str, dict] = {direction: rank_summary(r) for direction, r in ranks.items()}
     result["RSUM"] = {"RSUM": rsum(result)}
+    result["ranks"] = ranks
+    result["gallery"] = int(np.shape(scores)[1])  # the images (clips) every caption was ranked against
     return result
 
 
@@ -68,7 +71,7 @@ def rsum(metrics: dict[str, dict[str, float]]) -> float:
     return sum(metrics[d][f"R@{k}"] for d in ("t2i", "i2t") for k in RECALL_KS)
 
 
-def evaluate(scores, split, queries: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+def evaluate(scores, split, queries: np.ndarray | None = None) -> dict[str, dict]:
     """:func:`retrieval_metrics` of a split; row r of ``scores`` is caption ``queries[r]`` (all
     captions in order when ``queries`` is None)."""
     caption_image = split.caption_image if queries is None else split.caption_image[np.asarray(queries)]

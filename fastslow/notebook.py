@@ -29,10 +29,12 @@ class Session:
         return results.record(self.run, [{"notebook": self.notebook, **row} for row in rows])
 
     def record_metrics(self, metrics_by_direction, seed: int | None = None, **keys) -> pd.DataFrame:
-        """Summary rows (both directions) for one method's :func:`fastslow.metrics.retrieval_metrics`."""
+        """Summary rows (both directions) for one method's :func:`fastslow.metrics.retrieval_metrics`:
+        its recalls with the R@1 interval, the gallery it searched and its per-query ranks."""
         seed = self.config.seed if seed is None else seed
         rows = results.metric_rows(
-            metrics_by_direction, notebook=self.notebook, dataset=self.config.data.dataset, seed=seed, **keys
+            metrics_by_direction, notebook=self.notebook, dataset=self.config.data.dataset, seed=seed,
+            gallery=metrics_by_direction["gallery"], **keys,
         )
         return results.record(self.run, rows)
 
@@ -60,8 +62,10 @@ def setup(notebook: str, **parameters) -> Session:
     config = make_config(**parameters)
     set_seed(config.seed)
     session = Session(notebook, config, results.run_dir(config.run_name))
+    # A rerun replaces the notebook's rows: none of an older run survives beside the new ones.
+    forgotten = results.forget_notebook(session.run, notebook)
     versions = results.environment_versions()
     print(f"profile {config.profile}, dataset {config.data.dataset}, seed {config.seed}, device {config.device}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform"))
-    print(f"results go to {session.run}")
+    print(f"results go to {session.run}" + (f" (replacing this notebook's {forgotten} earlier rows)" if forgotten else ""))
     return session

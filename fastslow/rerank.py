@@ -9,9 +9,24 @@ then ``slow + alpha * fast``. ``alpha`` is chosen on validation (:func:`choose_a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+
+from fastslow import metrics
+from fastslow.batches import headline_queries
+from fastslow.bench import fast_slow_query_ms, slow_only_query_ms
+from fastslow.config import StudyConfig, config_hash
+from fastslow.data import CaptionedImages, make_shapes
+from fastslow.evaluation import cached_slow_scores
+from fastslow.index import VectorIndex
+from fastslow.inputs import FeatureImages
+from fastslow.models.cross_attention import pair_scores, visual_tokens
+from fastslow.models.dual_encoder import embed_images
+from fastslow.scoring import dual_encoder_scores
+from fastslow.stages import Study, Trained
 
 # slow_scores(rows, candidates): the Slow score of row-query rows[r] with candidate candidates[r, k]
 SlowScorer = Callable[[np.ndarray, np.ndarray], torch.Tensor]
@@ -89,11 +104,7 @@ class Searcher:
     """Text search over a study's test gallery: Fast top-K from a FAISS index, then the Slow model's order."""
 
     def __init__(self, fast_model, slow_model, data, device: str = "cpu", alpha: float = 0.0):
-        """``data``: a :class:`fastslow.pipeline.Study` (its test split is the gallery)."""
-        from fastslow.index import VectorIndex
-        from fastslow.models.cross_attention import visual_tokens
-        from fastslow.models.dual_encoder import embed_images
-
+        """``data``: a :class:`fastslow.stages.Study` (its test split is the gallery)."""
         self.fast_model, self.slow_model, self.data = fast_model, slow_model, data
         self.gallery, self.device, self.alpha = data.test, device, alpha
         self.index = VectorIndex.build(embed_images(fast_model, data.visual["test"], device))
@@ -102,10 +113,6 @@ class Searcher:
     @torch.no_grad()
     def search(self, query: str, k: int = 5, rerank_k: int = 20):
         """The top ``k`` images before (Fast) and after (Fast+Slow) re-ranking the Fast top ``rerank_k``."""
-        import pandas as pd
-
-        from fastslow.models.cross_attention import pair_scores
-
         if not query.strip():
             raise ValueError("the query is empty: type a caption to search for")
         encoder = self.data.config.cross.encoder
@@ -127,3 +134,105 @@ class Searcher:
                 }
             )
         return pd.DataFrame(rows)
+
+def lookup_scorer(matrix: torch.Tensor) -> SlowScorer:
+    """A Slow scorer reading a precomputed ``(queries, items)`` score matrix."""
+    return lambda rows, candidates: matrix[torch.as_tensor(rows)[:, None], torch.as_tensor(candidates)]
+
+
+def fast_slow_sweep(
+    fast_scores: torch.Tensor, slow_scores: torch.Tensor, split: CaptionedImages, queries: np.ndarray, ks: list[int], alpha: float
+) -> dict[int, dict[str, Any]]:
+    """Metrics of Fast+Slow at each K, both directions (text-to-image re-ranks the Fast top-K
+    images of each caption; image-to-text the top-K query captions of each image)."""
+    text_to_image = Reranker(fast_scores, lookup_scorer(slow_scores), max(ks))
+    image_to_text = Reranker(fast_scores.T, lookup_scorer(slow_scores.T), max(ks))
+    sweep = {}
+    for k in ks:
+        t2i = metrics.evaluate(text_to_image.scores(min(k, text_to_image.max_k), alpha), split, queries)
+        i2t = metrics.evaluate(image_to_text.scores(min(k, image_to_text.max_k), alpha).T, split, queries)
+        sweep[k] = {"t2i": t2i["t2i"], "i2t": i2t["i2t"], "ranks": {"t2i": t2i["ranks"]["t2i"], "i2t": i2t["ranks"]["i2t"]},
+                    "gallery": t2i["gallery"]}
+    return sweep
+
+
+def validation_reranker(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> tuple[Reranker, torch.Tensor, np.ndarray]:
+    """What the re-ranking settings are chosen on, never the test split: the first caption of
+    validation images (``cfg.rerank.validation_queries`` of them) against the validation gallery,
+    with the Fast scores, every Slow score (cached) and a Reranker over them."""
+    val = data.splits["val"]
+    queries = headline_queries(val, 1)[: cfg.rerank.validation_queries]
+    fast_scores = dual_encoder_scores(fast.model, data.visual["val"], data.texts["val"], cfg.device)[queries]
+    name = f"val-{config_hash(cfg.data)}"
+    slow_scores = cached_slow_scores(slow, data.visual["val"], data.tokens["val"], queries, cfg.device, name)
+    return Reranker(fast_scores, lookup_scorer(slow_scores), len(val)), slow_scores, queries
+
+
+def choose_rerank_alpha(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> tuple[float, dict[float, float]]:
+    """The weight of the Fast score in the re-ranking combination, chosen on validation captions
+    (text-to-image R@1 + R@5 + R@10 at K = ``cfg.rerank.alpha_k``)."""
+    reranker, _, queries = validation_reranker(cfg, data, fast, slow)
+    val = data.splits["val"]
+
+    def rating(scores: torch.Tensor) -> float:
+        t2i = metrics.evaluate(scores, val, queries)["t2i"]
+        return t2i["R@1"] + t2i["R@5"] + t2i["R@10"]
+
+    return choose_alpha(reranker, rating, min(cfg.rerank.alpha_k, reranker.max_k), cfg.rerank.alphas)
+
+
+def choose_rerank_k(
+    cfg: StudyConfig, data: Study, fast: Trained, slow: Trained, alpha: float, tolerance: float = 1.0
+) -> tuple[int, pd.DataFrame]:
+    """The re-ranking depth K, chosen on validation: the smallest K below the gallery size whose
+    text-to-image R@1 is within ``tolerance`` points of the Slow model's alone, else the K with the
+    best R@1. Returns K and the validation R@1 by K (K = gallery size is Slow-only)."""
+    reranker, slow_scores, queries = validation_reranker(cfg, data, fast, slow)
+    val = data.splits["val"]
+    slow_r1 = metrics.evaluate(slow_scores, val, queries)["t2i"]["R@1"]
+    ks = [k for k in k_values(len(val)) if k < len(val)]
+    r1 = {k: metrics.evaluate(reranker.scores(k, alpha), val, queries)["t2i"]["R@1"] for k in ks}
+    close = [k for k in ks if r1[k] >= slow_r1 - tolerance]
+    chosen = close[0] if close else max(ks, key=lambda k: r1[k])
+    table = pd.DataFrame({"K": [*ks, len(val)], "validation t2i R@1": [*r1.values(), slow_r1]})
+    return chosen, table
+
+
+def large_gallery(cfg: StudyConfig, data: Study) -> tuple[CaptionedImages, torch.Tensor, np.ndarray] | None:
+    """A second, larger test gallery of ``cfg.rerank.large_gallery`` shapes images (its own seed,
+    never trained on), its tokenised captions and its query set; None for datasets without one
+    (and for the pretrained backbone, whose features exist only for the study's splits)."""
+    if cfg.data.dataset != "shapes" or cfg.dual.encoder.backbone != "tiny":
+        return None
+    gallery = make_shapes(
+        1, 1, cfg.rerank.large_gallery, image_size=cfg.data.image_size,
+        captions_per_image=cfg.data.captions_per_image, seed=cfg.data.seed + 1000,
+    )["test"]
+    tokens = data.tokenizer.encode(gallery.captions, max_len=cfg.dual.encoder.max_caption_tokens)
+    queries = headline_queries(gallery, 1)[: cfg.rerank.large_gallery_queries]
+    return gallery, tokens, queries
+
+
+def fast_index(fast: Trained, visual: np.ndarray | FeatureImages, device: str, factory: str = "Flat") -> VectorIndex:
+    """A FAISS index of a dual encoder's embeddings of ``visual`` (a split's images as it reads them)."""
+    return VectorIndex.build(embed_images(fast.model, visual, device), factory)
+
+
+def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained, alpha: float) -> list[dict[str, Any]]:
+    """The K sweep and the speed-up on :func:`large_gallery`: per K, Fast+Slow's metrics and
+    latency (``method`` fast_slow), and the Slow model alone over the whole gallery (``method``
+    cross_attention, K None), ready for :meth:`fastslow.notebook.Session.record_metrics`."""
+    gallery, tokens, queries = large_gallery(cfg, data)
+    fast_scores = dual_encoder_scores(fast.model, gallery.images, tokens, cfg.device)[queries]
+    slow_scores = cached_slow_scores(slow, gallery.images, tokens, queries, cfg.device, name=f"large-{cfg.data.seed + 1000}")
+    ks = k_values(len(gallery), (1, 2, 5, 10, 20, 50, 100))
+    index = fast_index(fast, gallery.images, cfg.device)
+    visual = visual_tokens(slow.model, gallery.images, cfg.device)
+    latency_tokens = tokens[torch.as_tensor(queries[: cfg.rerank.latency_queries])]
+    slow_ms = slow_only_query_ms(slow.model, visual, latency_tokens, cfg.device)
+    measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),
+                 "ms_per_query": slow_ms}]
+    for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks[:-1], alpha).items():
+        ms = fast_slow_query_ms(fast.model, index, slow.model, visual, latency_tokens, latency_tokens, k, cfg.device)
+        measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": ms})
+    return measured

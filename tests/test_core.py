@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastslow import cache, metrics, results
-from fastslow.config import TrainConfig, make_config
+from fastslow.config import TrainConfig, config_hash, make_config
 from fastslow.index import VectorIndex, recall_against_exact
 from fastslow.train import fit
 
@@ -34,8 +34,8 @@ def test_profile_defaults_to_the_environment(monkeypatch):
 def test_config_hash_changes_with_any_parameter():
     base = make_config("smoke")
     changed = dataclasses.replace(base, train_dual=dataclasses.replace(base.train_dual, lr=1e-4))
-    assert cache.config_hash(base) == cache.config_hash(make_config("smoke"))
-    assert cache.config_hash(base) != cache.config_hash(changed)
+    assert config_hash(base) == config_hash(make_config("smoke"))
+    assert config_hash(base) != config_hash(changed)
 
 
 def test_load_or_build_rebuilds_only_for_a_new_config(tmp_path, monkeypatch):
@@ -115,8 +115,8 @@ def test_exact_index_matches_brute_force_and_survives_save_load(tmp_path):
 
 
 def test_summary_rows_are_replaced_not_duplicated(tmp_path):
-    row = {"notebook": "02", "experiment": "headline", "method": "dual_encoder", "dataset": "shapes",
-           "direction": "t2i", "K": None, "seed": 0, "R@1": 10.0}
+    row = {"notebook": "02", "experiment": "headline", "method": "dual_encoder", "variant": "", "dataset": "shapes",
+           "gallery": 100, "direction": "t2i", "K": None, "seed": 0, "R@1": 10.0}
     results.record(tmp_path, [row])
     results.record(tmp_path, [{**row, "R@1": 20.0}, {**row, "direction": "i2t", "R@1": 5.0}])
     table = results.read_summary(tmp_path)
@@ -175,3 +175,15 @@ def test_fit_stops_early_when_validation_stalls():
     loss_fn, epoch_batches, _ = _regression_task()
     history = fit(_Regression(), loss_fn, epoch_batches, lambda model: 0.0, TrainConfig(epochs=10, patience=2), seed=0)
     assert len(history["epochs"]) == 3  # the first sets the best, two without improvement stop it
+
+
+def test_a_row_carries_its_interval_and_its_ranks(tmp_path):
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.3, 0.4, 0.2], [0.1, 0.0, 0.7]])
+    measured = metrics.retrieval_metrics(scores, np.array([0, 1, 1, 2]))
+    rows = results.metric_rows(measured, notebook="02", experiment="headline", method="dual_encoder", dataset="shapes",
+                               gallery=measured["gallery"], seed=0)
+    table = results.record(tmp_path, rows).set_index("direction")
+    assert table.loc["t2i", "R@1"] == 75.0 and table.loc["t2i", "queries"] == 4 and table.loc["t2i", "gallery"] == 3
+    assert table.loc["t2i", "R@1_lo"] <= 75.0 <= table.loc["t2i", "R@1_hi"]
+    ranks = results.read_ranks(tmp_path, table.loc["t2i", "ranks"])
+    assert ranks.tolist() == measured["ranks"]["t2i"].tolist() == [1, 3, 1, 1]

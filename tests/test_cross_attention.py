@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastslow import pipeline
-from fastslow.cache import config_hash
+from fastslow import losses, stages
+from fastslow.config import config_hash
 from fastslow.config import OBJECTIVES, CrossAttentionConfig, DualEncoderConfig, EncoderConfig, TrainConfig, make_config
-from fastslow.data.batches import PairBatches
+from fastslow.batches import PairBatches
 from fastslow.data.shapes import make_shapes
 from fastslow.data.text import WordTokenizer
 from fastslow.models.cross_attention import (
@@ -25,7 +25,8 @@ from fastslow.models.cross_attention import (
     teacher_forcing,
     visual_tokens,
 )
-from fastslow.models.encoders import ConvTower, images_to_tensor
+from fastslow.inputs import images_to_tensor
+from fastslow.models.encoders import ConvTower
 
 IMAGE_SIZE = 32
 TINY_ENCODER = EncoderConfig(channels=(8, 8, 16, 16), text_width=16, text_layers=1, heads=2)
@@ -193,7 +194,7 @@ def test_each_objective_trains_a_step(shapes, objective):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = PairBatches(train, tokens, batch_size=8, seed=0, epoch=0)
     batches.order = keep_twins_together(batches.order, train.twin)
-    loss_fn = pipeline.cross_attention_loss(train.twin)
+    loss_fn = losses.cross_attention_loss(train.twin)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     output = loss_fn(model, next(iter(batches)), 0.0)
     loss = output[0] if isinstance(output, tuple) else output
@@ -211,7 +212,7 @@ def test_a_frozen_tower_keeps_its_weights_and_statistics(shapes):
     assert not model.image_tower.training and model.decoders.training
     before = {k: v.clone() for k, v in model.image_tower.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss, _ = pipeline.cross_attention_loss(train.twin)(model, next(iter(PairBatches(train, tokenizer.encode(train.captions), 8, 0, 0))), 0.0)
+    loss, _ = losses.cross_attention_loss(train.twin)(model, next(iter(PairBatches(train, tokenizer.encode(train.captions), 8, 0, 0))), 0.0)
     loss.backward()
     optimizer.step()
     for name, value in model.image_tower.state_dict().items():
@@ -242,11 +243,11 @@ def tiny_study_config(**cross):
 def test_each_variant_trains_once_and_then_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path))
     cfg = tiny_study_config()
-    data = pipeline.study(cfg)
-    first = pipeline.cross_attention(cfg, data, upsample_steps=0)
-    again = pipeline.cross_attention(cfg, data, upsample_steps=0)
-    other = pipeline.cross_attention(cfg, data, upsample_steps=0, objective="forward")
-    assert first.config_hash == again.config_hash == config_hash(pipeline.cross_attention_key(cfg, upsample_steps=0))
+    data = stages.load_study(cfg)
+    first = stages.train_or_load_cross_attention(cfg, data, upsample_steps=0)
+    again = stages.train_or_load_cross_attention(cfg, data, upsample_steps=0)
+    other = stages.train_or_load_cross_attention(cfg, data, upsample_steps=0, objective="forward")
+    assert first.config_hash == again.config_hash == config_hash(stages.cross_attention_key(cfg, upsample_steps=0))
     assert other.config_hash != first.config_hash and other.model.directions == ("left_to_right",)
     assert len(list(tmp_path.glob("cross_attention-*.pt"))) == 2
     for name, value in first.model.state_dict().items():
@@ -257,12 +258,25 @@ def test_the_tower_can_start_from_the_dual_encoders(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path))
     cfg = tiny_study_config(tower_init="dual_encoder")
     untrained = dataclasses.replace(cfg, train_cross=TrainConfig(epochs=0))
-    data = pipeline.study(cfg)
-    slow = pipeline.cross_attention(untrained, data)
-    fast = pipeline.dual_encoder(cfg, data)
+    data = stages.load_study(cfg)
+    slow = stages.train_or_load_cross_attention(untrained, data)
+    fast = stages.train_or_load_dual_encoder(cfg, data)
     for name, value in fast.model.image_tower.state_dict().items():
         torch.testing.assert_close(slow.model.image_tower.state_dict()[name], value)
     # The Slow model's cache key follows the dual encoder it starts from.
     other_fast = dataclasses.replace(cfg, train_dual=TrainConfig(epochs=2, batch_size=16))
-    assert config_hash(pipeline.cross_attention_key(cfg)) != config_hash(pipeline.cross_attention_key(other_fast))
-    assert "tower" not in pipeline.cross_attention_key(cfg, tower_init="scratch")
+    assert config_hash(stages.cross_attention_key(cfg)) != config_hash(stages.cross_attention_key(other_fast))
+    assert "tower" not in stages.cross_attention_key(cfg, tower_init="scratch")
+
+
+def test_a_trained_model_depends_on_its_config_not_on_what_ran_before(tmp_path, monkeypatch):
+    cfg = tiny_study_config(tower_init="scratch", train_tower=True)
+    data = stages.load_study(cfg)
+    weights = []
+    for run, draws in enumerate((0, 1000)):
+        monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path / f"cache{run}"))  # trained afresh both times
+        torch.rand(draws)  # other random draws in between, as a notebook makes
+        torch.manual_seed(run)
+        weights.append(stages.train_or_load_dual_encoder(cfg, data).model.state_dict())
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import dataclasses
+
 import torch
 
-from fastslow import distill
-from fastslow.config import DistillConfig
+from fastslow import distill, losses, stages
+from fastslow.config import DataConfig, DistillConfig, TrainConfig, make_config
+from fastslow.models.cross_attention import CrossAttentionModel
+from fastslow.models.dual_encoder import DualEncoder
 from fastslow.losses import distillation_kl, dynamic_sample_weights, keep_hardest_negatives, symmetric_info_nce
 
 
@@ -60,7 +64,7 @@ def test_dynamic_weights_are_normalised_and_follow_the_teacher():
 def test_the_control_run_has_no_teacher_term():
     logits = torch.randn(6, 6)
     teacher = torch.randn(6, 6)
-    loss, extras = distill.student_loss("none", DistillConfig(), logits, teacher, 0.3)
+    loss, extras = losses.distillation_loss("control", DistillConfig(), logits, teacher, 0.3)
     assert loss.item() == pytest.approx(symmetric_info_nce(logits).item())
     assert extras == {}
 
@@ -74,7 +78,7 @@ def test_tfs_and_dcd_pull_the_student_towards_the_teacher():
         optimiser = torch.optim.SGD([student], lr=1.0)
         first = None
         for _ in range(50):
-            loss, extras = distill.student_loss(method, config, student, teacher, 0.5)
+            loss, extras = losses.distillation_loss(method, config, student, teacher, 0.5)
             first = first if first is not None else extras["kl"]
             optimiser.zero_grad()
             loss.backward()
@@ -92,3 +96,22 @@ def test_hard_batches_partition_images_into_neighbourhoods():
     assert len(np.unique(batches)) == 64
     clusters = batches // 16
     assert all(len(np.unique(row)) == 1 for row in clusters)
+
+
+def test_seeds_of_a_distillation_run_differ_in_batches_and_captions(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path))
+    cfg = dataclasses.replace(
+        make_config("smoke"), data=DataConfig(n_train=96, n_val=16, n_test=16, image_size=32),
+        distill=dataclasses.replace(make_config("smoke").distill, train=TrainConfig(epochs=1, batch_size=16)),
+    )
+    data = stages.load_study(cfg)
+    train = data.splits["train"]
+    student = stages.build_seeded(lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, 32), 0).eval()
+    teacher = stages.build_seeded(lambda: CrossAttentionModel(data.tokenizer.vocab_size, cfg.cross, 32), 0).eval()
+    first, second = (distill.prepare(cfg, data, student, teacher, "s", "t", seed) for seed in (0, 1))
+    assert not np.array_equal(first["batches"], second["batches"])
+    assert not np.array_equal(first["captions"], second["captions"])
+    for prepared in (first, second):  # each seed still draws one caption of the right image
+        assert all(train.caption_image[c] == i for i, c in enumerate(prepared["captions"]))
+    again = distill.prepare(cfg, data, student, teacher, "s", "t", 0)
+    assert np.array_equal(first["batches"], again["batches"])

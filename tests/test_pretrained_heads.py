@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastslow import pipeline
+from fastslow import evaluation, stages
+from fastslow.rerank import Searcher
 from fastslow.config import CrossAttentionConfig, DualEncoderConfig, EncoderConfig, make_config
 from fastslow.data.text import WordTokenizer
 from fastslow.models.cross_attention import CrossAttentionModel, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, embed_images, embed_texts
-from fastslow.models.encoders import FeatureImages, model_input
-from fastslow.models.pretrained import FEATURE_CHANNELS, POOLED_DIM
+from fastslow.inputs import FEATURE_CHANNELS, POOLED_DIM, FeatureImages, model_input
 
 PRETRAINED = EncoderConfig(backbone="pretrained")
 
@@ -81,18 +81,18 @@ def test_whole_path_on_a_tiny_real_folder(tiny_real, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path / "cache"))
     cfg = make_config("smoke", dataset="flickr8k", data_dir=tiny_real.data_dir, backbone="pretrained", device="cpu")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=64), cross=dataclasses.replace(cfg.cross, validation_images=2))
-    data = pipeline.study(cfg)
+    data = stages.load_study(cfg)
     assert isinstance(data.visual["train"], FeatureImages) and len(data.visual["train"]) == 5
     assert data.texts["test"].shape == (4, 384) and data.tokens["test"].shape[0] == 4
 
-    fast = pipeline.dual_encoder(cfg, data)
-    fast_scores = pipeline.headline_fast_scores(fast.model, data, cfg.device)
+    fast = stages.train_or_load_dual_encoder(cfg, data)
+    fast_scores = evaluation.headline_fast_scores(fast.model, data, cfg.device)
     assert fast_scores.shape == (2, 2)
-    slow = pipeline.cross_attention(cfg, data)
-    slow_scores = pipeline.headline_slow_scores(cfg, data, slow)
+    slow = stages.train_or_load_cross_attention(cfg, data)
+    slow_scores = evaluation.headline_slow_scores(cfg, data, slow)
     assert slow_scores.shape == (2, 2) and torch.isfinite(slow_scores).all()
 
-    found = pipeline.searcher(cfg, data, fast, slow).search("a photo number 5", k=2, rerank_k=2)
+    found = Searcher(fast.model, slow.model, data, cfg.device).search("a photo number 5", k=2, rerank_k=2)
     assert sorted(found["fast_image"]) == [0, 1] and sorted(found["fast_slow_image"]) == [0, 1]
 
 
@@ -100,5 +100,5 @@ def test_a_profile_can_skip_the_slow_ablations_for_the_pretrained_backbone():
     cfg = make_config("quick", dataset="flickr8k", data_dir="x", backbone="pretrained")
     assert cfg.cross_ablation.queries == 0 and cfg.headline_max_queries == 500
     assert max(cfg.rerank.scale_sizes) == 100_000 and max(make_config("quick").rerank.scale_sizes) == 1_000_000
-    skipped = pipeline.cross_attention_variants(cfg, None, {"up0": {"upsample_steps": 0}}, np.array([], dtype=np.int64))
+    skipped = evaluation.cross_attention_variants(cfg, None, {"up0": {"upsample_steps": 0}}, np.array([], dtype=np.int64))
     assert skipped == {}, "no variant is trained (data=None would fail) when there are no queries"

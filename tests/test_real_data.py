@@ -19,12 +19,26 @@ from PIL import Image
 from fastslow import features
 from fastslow.config import DataConfig
 from fastslow.data import load_dataset
-from fastslow.data.real import choose_images, load_flickr8k, load_hf_dataset, load_karpathy_json, load_real_dataset
+from fastslow.data.real import (
+    CARVED_VALIDATION_IMAGES,
+    carve_validation,
+    carved_validation_size,
+    choose_images,
+    flickr8k_split_names,
+    load_flickr8k,
+    load_hf_dataset,
+    load_karpathy_json,
+    load_real_dataset,
+)
+from fastslow.data.types import SPLITS
 from fastslow.features import FeatureParams, extract_features
 from fastslow.models.pretrained import image_backbone, text_backbone
 
 SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
-COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "grey": (128, 128, 128)}
+COLOURS = {
+    "red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "grey": (128, 128, 128),
+    "yellow": (220, 200, 20),
+}
 
 
 def save_image(path: Path, colour: str, size: tuple[int, int] = (20, 14)) -> None:
@@ -37,33 +51,102 @@ def save_image(path: Path, colour: str, size: tuple[int, int] = (20, 14)) -> Non
 
 @pytest.fixture
 def flickr8k(tmp_path) -> Path:
-    """Five images (one corrupt), two captions each, train and dev lists and no test list."""
+    """Six images (one corrupt), two captions each: four train, two dev, no test list.
+
+    Without a test list one train image is carved out as validation: seed 0 carves y.jpg.
+    """
     root = tmp_path / "flickr8k"
-    for name, colour in [("r.jpg", "red"), ("g.jpg", "green"), ("b.jpg", "blue"), ("k.jpg", "grey")]:
+    colours = {"r.jpg": "red", "g.jpg": "green", "y.jpg": "yellow", "b.jpg": "blue", "k.jpg": "grey"}
+    for name, colour in colours.items():
         save_image(root / "images" / name, colour)
     (root / "images" / "bad.jpg").write_bytes(b"not an image")
-    names = ["r.jpg", "g.jpg", "bad.jpg", "b.jpg", "k.jpg"]
+    names = ["r.jpg", "g.jpg", "bad.jpg", "y.jpg", "b.jpg", "k.jpg"]
     lines = [f"{name}#{k}\t{name[0]} caption {k} ." for name in names for k in range(2)]
     (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
-    (root / "Flickr_8k.trainImages.txt").write_text("r.jpg\ng.jpg\nbad.jpg\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("r.jpg\ng.jpg\nbad.jpg\ny.jpg\n")
     (root / "Flickr_8k.devImages.txt").write_text("b.jpg\nk.jpg\n")
     return root
 
 
-def test_flickr8k_loads_splits_counts_skipped_and_uses_dev_as_test(flickr8k, caplog):
+def test_flickr8k_loads_splits_counts_skipped_and_tests_on_dev(flickr8k, caplog):
     with caplog.at_level(logging.WARNING):
         splits = load_flickr8k(flickr8k, image_size=8)
     train, val, test = splits["train"], splits["val"], splits["test"]
-    assert train.image_ids == ["r.jpg", "g.jpg"] and val.image_ids == test.image_ids == ["b.jpg", "k.jpg"]
+    assert train.image_ids == ["r.jpg", "g.jpg"] and val.image_ids == ["y.jpg"] and test.image_ids == ["b.jpg", "k.jpg"]
     assert train.images.shape == (2, 8, 8, 3) and train.images.dtype == np.uint8
     assert np.abs(train.images[1].astype(int) - COLOURS["green"]).max() <= 2
+    assert np.abs(val.images[0].astype(int) - COLOURS["yellow"]).max() <= 2
     assert train.captions_of(0) == ["r caption 0 .", "r caption 1 ."]
     assert train.caption_kind == [""] * 4 and np.all(train.twin == -1) and train.twin_kind == ["", ""]
     assert [Path(p).name for p in train.skipped] == ["bad.jpg"] and val.skipped == []
     assert "skipped 1 of 3 images" in caplog.text
-    assert "no Flickr_8k.testImages.txt" in caplog.text and "report dev numbers" in caplog.text
-    assert test.meta["source_split"] == "dev" and "test is the dev split" in test.meta["note"]
-    assert val.meta["source_split"] == "dev" and "note" not in val.meta
+    warnings = [r.getMessage() for r in caplog.records if "no Flickr_8k.testImages.txt" in r.getMessage()]
+    assert len(warnings) == 1, "the split rule is logged once per load"
+    assert "test is the dev split" in warnings[0] and "1 images carved out of Flickr_8k.trainImages.txt" in warnings[0]
+
+
+# A Flickr8k layout with enough train images that carving validation out of them means something.
+MANY_TRAIN, MANY_DEV = [f"t{i:02d}.png" for i in range(20)], [f"d{i}.png" for i in range(4)]
+
+
+@pytest.fixture
+def flickr8k_many(tmp_path) -> Path:
+    """20 train and 4 dev images of 8 x 8 pixels, one caption each, no test list."""
+    root = tmp_path / "flickr8k_many"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in MANY_TRAIN + MANY_DEV:
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "images" / name)
+    (root / "Flickr8k.token.txt").write_text("".join(f"{n}#0\tphoto {n} .\n" for n in MANY_TRAIN + MANY_DEV))
+    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(MANY_TRAIN) + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(MANY_DEV) + "\n")
+    return root
+
+
+def test_without_a_test_list_validation_is_carved_from_train_and_dev_is_test(flickr8k_many):
+    splits = load_flickr8k(flickr8k_many, image_size=8, seed=0)
+    train, val, test = (splits[s].image_ids for s in ("train", "val", "test"))
+    assert test == MANY_DEV, "the dev list is the test split, whole"
+    assert len(val) == carved_validation_size(20) == 4 and set(val) <= set(MANY_TRAIN)
+    assert not set(val) & set(MANY_DEV), "nothing is chosen on the images numbers are reported on"
+    assert not set(val) & set(train) and sorted(train + val) == MANY_TRAIN, "carved images leave train"
+    assert train == [n for n in MANY_TRAIN if n in train] and val == [n for n in MANY_TRAIN if n in val], "listed order"
+
+
+def test_with_a_test_list_validation_is_dev_and_test_is_test(flickr8k_many):
+    (flickr8k_many / "Flickr_8k.devImages.txt").write_text("\n".join(MANY_DEV[:2]))
+    (flickr8k_many / "Flickr_8k.testImages.txt").write_text("\n".join(MANY_DEV[2:]))
+    splits = load_flickr8k(flickr8k_many, image_size=8)
+    assert splits["train"].image_ids == MANY_TRAIN, "nothing is carved when the release has a test list"
+    assert splits["val"].image_ids == MANY_DEV[:2] and splits["test"].image_ids == MANY_DEV[2:]
+    assert {s: splits[s].meta["source_split"] for s in SPLITS} == {"train": "train", "val": "dev", "test": "test"}
+    assert splits["test"].meta["source"].endswith("Flickr_8k.testImages.txt")
+    assert all("carved_from" not in splits[s].meta and "note" not in splits[s].meta for s in SPLITS)
+
+
+def test_carving_is_seeded_and_comes_before_the_caps(flickr8k_many):
+    carved = {seed: flickr8k_split_names(flickr8k_many, seed)["val"][0] for seed in (0, 1)}
+    assert carved[0] == flickr8k_split_names(flickr8k_many, 0)["val"][0] == carve_validation(MANY_TRAIN, 0)[1]
+    assert carved[0] != carved[1], "another seed carves other images"
+    assert load_flickr8k(flickr8k_many, 8, seed=1)["val"].image_ids == carved[1]
+    capped = load_flickr8k(flickr8k_many, 8, max_images={"train": 5, "val": 2, "test": 3}, seed=0)
+    assert [len(capped[s]) for s in SPLITS] == [5, 2, 3]
+    assert set(capped["val"].image_ids) <= set(carved[0]), "the caps subsample the carved set, never re-carve"
+    assert not set(capped["train"].image_ids) & set(carved[0]) and set(capped["test"].image_ids) <= set(MANY_DEV)
+    assert capped["train"].meta["of_images"] == 16 and capped["val"].meta["of_images"] == 4
+    sizes = {n: carved_validation_size(n) for n in (2, 9, 10, 2_499, 2_500, 4_000)}
+    assert sizes == {2: 1, 9: 1, 10: 2, 2_499: 499, 2_500: CARVED_VALIDATION_IMAGES, 4_000: CARVED_VALIDATION_IMAGES}
+
+
+def test_each_split_meta_records_where_it_came_from(flickr8k_many):
+    splits = load_flickr8k(flickr8k_many, image_size=8, seed=3)
+    train, val, test = (splits[s].meta for s in SPLITS)
+    assert train["source"].endswith("Flickr_8k.trainImages.txt") and train["source_split"] == "train"
+    assert train["carved_images"] == 4 and "carved out as validation" in train["note"]
+    assert val["source"] == train["source"] and val["source_split"] == "train" and val["carved_from"] == "train"
+    assert val["carved_images"] == 4 and val["carve_seed"] == 3 and "carved out of the train list" in val["note"]
+    assert test["source"].endswith("Flickr_8k.devImages.txt") and test["source_split"] == "dev"
+    assert "no Flickr_8k.testImages.txt" in test["note"] and "test is the dev split" in test["note"]
 
 
 def test_flickr8k_reads_a_test_list_and_the_release_image_folder(flickr8k):
@@ -71,16 +154,24 @@ def test_flickr8k_reads_a_test_list_and_the_release_image_folder(flickr8k):
     (flickr8k / "Flickr_8k.testImages.txt").write_text("k.jpg\n")
     (flickr8k / "Flickr_8k.devImages.txt").write_text("b.jpg\n")
     splits = load_flickr8k(flickr8k, image_size=4)
+    assert splits["train"].image_ids == ["r.jpg", "g.jpg", "y.jpg"]
     assert splits["val"].image_ids == ["b.jpg"] and splits["test"].image_ids == ["k.jpg"]
-    assert splits["test"].meta["source_split"] == "test"
+    assert splits["val"].meta["source_split"] == "dev" and splits["test"].meta["source_split"] == "test"
 
 
 def test_flickr8k_errors_name_the_file_or_record(flickr8k):
+    (flickr8k / "Flickr_8k.trainImages.txt").write_text("r.jpg\n")
+    with pytest.raises(ValueError, match="Flickr_8k.trainImages.txt lists only one image: too few to carve"):
+        load_flickr8k(flickr8k, 8)
+    (flickr8k / "Flickr_8k.trainImages.txt").write_text("r.jpg\ng.jpg\nnew.jpg\n")
+    with pytest.raises(ValueError, match="trainImages.txt: image 'new.jpg' has no captions in .*Flickr8k.token.txt"):
+        load_flickr8k(flickr8k, 8)
+    (flickr8k / "Flickr_8k.trainImages.txt").write_text("r.jpg\ng.jpg\n")
     (flickr8k / "Flickr_8k.devImages.txt").unlink()
     with pytest.raises(FileNotFoundError, match="Flickr_8k.devImages.txt"):
         load_flickr8k(flickr8k, 8)
     (flickr8k / "Flickr_8k.devImages.txt").write_text("b.jpg\nnew.jpg\n")
-    with pytest.raises(ValueError, match="'new.jpg' has no captions in .*Flickr8k.token.txt"):
+    with pytest.raises(ValueError, match="devImages.txt: image 'new.jpg' has no captions in .*Flickr8k.token.txt"):
         load_flickr8k(flickr8k, 8)
     (flickr8k / "Flickr8k.token.txt").write_text("r.jpg#0\tfine\nr.jpg a caption without a tab\n")
     with pytest.raises(ValueError, match="Flickr8k.token.txt line 2"):
@@ -95,10 +186,10 @@ def test_max_images_keeps_a_seeded_nested_subset_in_listed_order(flickr8k):
     assert np.array_equal(small, again) and np.all(np.diff(small) > 0)
     assert set(small) <= set(large) and not np.array_equal(small, choose_images(50, 10, seed=4))
     assert np.array_equal(choose_images(5, 9, seed=0), np.arange(5))
-    splits = load_flickr8k(flickr8k, 4, max_images={"val": 1}, seed=0)
-    assert len(splits["train"]) == 2 and len(splits["val"]) == 1 and len(splits["test"]) == 2
-    assert splits["val"].image_ids == load_flickr8k(flickr8k, 4, max_images={"val": 1}, seed=0)["val"].image_ids
-    assert splits["val"].meta["max_images"] == 1 and splits["val"].meta["of_images"] == 2
+    splits = load_flickr8k(flickr8k, 4, max_images={"test": 1}, seed=0)
+    assert len(splits["train"]) == 2 and len(splits["val"]) == 1 and len(splits["test"]) == 1
+    assert splits["test"].image_ids == load_flickr8k(flickr8k, 4, max_images={"test": 1}, seed=0)["test"].image_ids
+    assert splits["test"].meta["max_images"] == 1 and splits["test"].meta["of_images"] == 2
     with pytest.raises(ValueError, match="at least 1"):
         load_flickr8k(flickr8k, 4, max_images=0)
 
@@ -106,7 +197,9 @@ def test_max_images_keeps_a_seeded_nested_subset_in_listed_order(flickr8k):
 def test_load_dataset_wires_real_names_with_profile_caps(flickr8k, tmp_path):
     config = DataConfig(dataset="flickr8k", data_dir=str(flickr8k), n_train=3, n_val=2, n_test=1, image_size=6)
     splits = load_dataset(config)
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [2, 2, 1], "train: 3 listed, 1 unreadable"
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [2, 1, 1], (
+        "train: 4 listed, 1 carved out as validation, 1 unreadable"
+    )
     assert splits["val"].images.shape[1:] == (6, 6, 3)
     with pytest.raises(ValueError, match="needs data_dir"):
         load_real_dataset("flickr30k", None, 8)
@@ -335,9 +428,9 @@ def test_feature_extraction_resumes_after_an_interruption(tiny_real, tmp_path, m
     assert not chunk_dirs[0].exists(), "chunks are removed once the set is cached"
     assert [tuple(m.shape) for m in resumed.maps] == [(5, 40, 8, 8), (5, 112, 4, 4), (5, 320, 2, 2)]
     assert resumed.maps[0].dtype == torch.float16 and resumed.caption_states.dtype == torch.float16
-    assert resumed.image_ids == [f"im{i}.png" for i in range(5)] and resumed.extract_seconds["images"] > 0
-
     train = load_dataset(tiny_real)["train"]
+    assert resumed.image_ids == train.image_ids == ["im0.png", "im2.png", "im3.png", "im4.png", "im5.png"]
+    assert resumed.extract_seconds["images"] > 0
     backbone, encoder = image_backbone("efficientnet-lite0", 64), text_backbone()
     with torch.inference_mode():  # all chunks, in order: the backbones' outputs rounded to float16
         maps, pooled = backbone.features(backbone.pixels(train.images))
@@ -349,9 +442,10 @@ def test_feature_extraction_resumes_after_an_interruption(tiny_real, tmp_path, m
     assert torch.equal(resumed.caption_image, torch.as_tensor(train.caption_image))
 
     calls.clear()
-    extract_features(params, "val", device="cpu", **chunks)
-    extract_features(params, "test", device="cpu", **chunks)
-    assert calls == [0], "val and test hold the same dev images: one extraction, one cache entry"
+    val = extract_features(params, "val", device="cpu", **chunks)
+    test = extract_features(params, "test", device="cpu", **chunks)
+    assert calls == [0, 0], "val (carved from train) and test (the dev list) are different images: two entries"
+    assert val.image_ids == ["im1.png"] and test.image_ids == ["im6.png", "im7.png"]
 
 
 # --- the shared Flickr8k sample -------------------------------------------------------------------
@@ -364,6 +458,9 @@ def test_shared_flickr8k_sample_loads():
     assert [len(splits[s]) for s in ("train", "val", "test")] == [8, 4, 4]
     assert all(np.array_equal(np.bincount(s.caption_image), np.full(len(s), 5)) for s in splits.values())
     assert splits["train"].images.shape == (8, 224, 224, 3) and splits["train"].skipped == []
-    assert splits["test"].meta["source_split"] == "dev" and splits["val"].image_ids == splits["test"].image_ids
-    assert splits["train"].meta["of_images"] == 4000 and splits["val"].meta["of_images"] == 1000
-    assert not set(splits["train"].image_ids) & set(splits["val"].image_ids)
+    train, val, test = (splits[s] for s in ("train", "val", "test"))
+    assert test.meta["source_split"] == "dev" and val.meta["carved_from"] == "train"
+    assert train.meta["of_images"] == 3500 and val.meta["of_images"] == 500 and test.meta["of_images"] == 1000
+    listed = {s: (SHARED_FLICKR8K / f"Flickr_8k.{s}Images.txt").read_text().split() for s in ("train", "dev")}
+    assert set(val.image_ids) <= set(listed["train"]) and set(test.image_ids) <= set(listed["dev"])
+    assert not set(train.image_ids) & set(val.image_ids) and not set(val.image_ids) & set(listed["dev"])

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastslow import pipeline
+from fastslow import evaluation, stages
 from fastslow.config import CrossAttentionConfig, DataConfig, DualEncoderConfig, EncoderConfig, TrainConfig, make_config
 from fastslow.models.cross_attention import CrossAttentionModel, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, TemporalPooling, embed_images
-from fastslow.models.encoders import images_to_tensor
+from fastslow.inputs import images_to_tensor
 
 SIZE, FRAMES = 32, 4
 TINY_ENCODER = EncoderConfig(channels=(8, 8, 16, 16), text_width=16, text_layers=1, heads=2)
@@ -108,13 +108,13 @@ def tiny_video_config():
 def test_the_stages_train_on_shapes_video(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path))
     cfg = tiny_video_config()
-    data = pipeline.study(cfg)
+    data = stages.load_study(cfg)
     assert data.test.frames == FRAMES
-    fast = pipeline.dual_encoder(cfg, data)
-    slow = pipeline.cross_attention(cfg, data)
+    fast = stages.train_or_load_dual_encoder(cfg, data)
+    slow = stages.train_or_load_cross_attention(cfg, data)
     assert len(fast.history["epochs"]) == len(slow.history["epochs"]) == 1
-    fast_scores = pipeline.headline_fast_scores(fast.model, data, cfg.device)
-    slow_scores = pipeline.headline_slow_scores(cfg, data, slow)
+    fast_scores = evaluation.headline_fast_scores(fast.model, data, cfg.device)
+    slow_scores = evaluation.headline_slow_scores(cfg, data, slow)
     assert fast_scores.shape == slow_scores.shape == (len(data.headline_queries()), len(data.test))
     assert torch.isfinite(slow_scores).all()
 

@@ -71,7 +71,8 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
         # small; a split smaller than its cap is used whole. Decoding thousands of photographs takes
         # longer than reading them back, and every notebook loads them: the decoded splits are cached,
         # keyed by the files they come from.
-        key = {"data": config, "files": files_fingerprint(config.data_dir)}
+        # "splits" names the split rule, so splits cached under an older rule are never reused.
+        key = {"data": config, "files": files_fingerprint(config.data_dir), "splits": "validation-carved-from-train"}
         return load_or_build(
             "dataset", key,
             lambda: load_real_dataset(config.dataset, config.data_dir, config.image_size, split_caps(config), config.seed),

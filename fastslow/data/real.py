@@ -12,6 +12,10 @@ Every loader returns ``{"train", "val", "test"}`` :class:`CaptionedImages` with 
 square uint8 array. Bad input raises an error naming the file or record; unreadable images are
 skipped, listed in ``skipped`` and logged, never dropped silently. ``max_images`` caps a split with a
 seeded subset, so quick profiles read only the images they use.
+
+Nothing is ever chosen on the split a number is reported on. Flickr8k's validation is its dev list when
+the release has a test list; without one (the shared sample leaves it out) the dev list is the test
+split and validation is a seeded subset carved out of the train list (see :func:`load_flickr8k`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ FLICKR8K_LISTS = {
     "test": "Flickr_8k.testImages.txt",
 }
 FLICKR8K_IMAGE_DIRS = ("images", "Flicker8k_Dataset", "Flickr8k_Dataset")
+# Without a test list, validation is carved out of the train list: this many images (the shared sample's
+# README asks for about 500), but at most a fifth of the list (carved_validation_size).
+CARVED_VALIDATION_IMAGES = 500
+# A seed stream of its own, so the carving never correlates with the caps' subsets (choose_images).
+CARVE_SEED_STREAM = 1
+
+# The images and provenance (``meta``) of one split, before any images are read.
+SplitNames = tuple[list[str], dict[str, Any]]
 
 # Karpathy's "restval" images (COCO) are training images by the usual convention.
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -99,38 +111,90 @@ def load_real_dataset(
 def load_flickr8k(
     root: str | Path, image_size: int, max_images: MaxImages = None, seed: int = 0
 ) -> dict[str, CaptionedImages]:
-    """Flickr8k as released. Without ``Flickr_8k.testImages.txt``, ``test`` is the dev list too.
+    """Flickr8k as released, split by :func:`flickr8k_split_names`.
 
-    The fallback never carves a test split out of the training images: dev numbers are reported
-    (a warning is logged and each split's ``meta`` says which list it came from).
+    With ``Flickr_8k.testImages.txt``: train, dev and test lists are train, val and test. Without it,
+    the dev list is the test split and validation is ``CARVED_VALIDATION_IMAGES`` images carved, seeded,
+    out of the train list and removed from train, so hyper-parameters and models are chosen on images
+    no reported number uses. The carving comes before ``max_images``, which then caps each split as
+    for any loader; each split's ``meta`` says which list it came from and how.
     """
     root = Path(root)
     tokens_path = _required_file(root / FLICKR8K_TOKENS)
     captions_by_image = _read_flickr8k_tokens(tokens_path)
     image_dir = _first_dir(root, FLICKR8K_IMAGE_DIRS)
-    lists = {"train": "train", "val": "dev", "test": "test"}
-    if not (root / FLICKR8K_LISTS["test"]).is_file():
-        log.warning(
-            "%s has no %s: the test split is the dev split (%s); report dev numbers",
-            root, FLICKR8K_LISTS["test"], FLICKR8K_LISTS["dev"],
-        )
-        lists["test"] = "dev"
     splits = {}
-    for split, listed in lists.items():
-        list_path = _required_file(root / FLICKR8K_LISTS[listed])
-        names = _read_image_list(list_path)
+    for split, (names, meta) in flickr8k_split_names(root, seed).items():
         missing = [name for name in names if name not in captions_by_image]
         if missing:
-            raise ValueError(f"{list_path}: image {missing[0]!r} has no captions in {tokens_path}")
-        meta = {"source": str(list_path), "source_split": listed}
-        if split == "test" and listed == "dev":
-            meta["note"] = f"no {FLICKR8K_LISTS['test']}: test is the dev split"
+            raise ValueError(f"{meta['source']}: image {missing[0]!r} has no captions in {tokens_path}")
         splits[split] = _load_split(
             "flickr8k", split, names, [captions_by_image[name] for name in names],
             lambda chosen, names=names: [image_dir / names[i] for i in chosen],
             image_size, _limit(max_images, split), seed, where=str(image_dir), meta=meta,
         )
     return splits
+
+
+def flickr8k_split_names(root: str | Path, seed: int = 0) -> dict[str, SplitNames]:
+    """The image names and ``meta`` of Flickr8k's train/val/test, from its lists alone (no image is read).
+
+    Without a test list, validation is carved out of the train list (:func:`carve_validation`), and
+    the warning saying so is logged here, once per load.
+    """
+    root = Path(root)
+    list_paths = {listed: root / file_name for listed, file_name in FLICKR8K_LISTS.items()}
+    train_path, dev_path = _required_file(list_paths["train"]), _required_file(list_paths["dev"])
+    train_names, dev_names = _read_image_list(train_path), _read_image_list(dev_path)
+    if list_paths["test"].is_file():
+        return {
+            "train": (train_names, {"source": str(train_path), "source_split": "train"}),
+            "val": (dev_names, {"source": str(dev_path), "source_split": "dev"}),
+            "test": (_read_image_list(list_paths["test"]), {"source": str(list_paths["test"]), "source_split": "test"}),
+        }
+    if len(train_names) < 2:
+        raise ValueError(
+            f"{train_path} lists only one image: too few to carve a validation split out of it "
+            f"(the release has no {FLICKR8K_LISTS['test']}, so the dev list is the test split)"
+        )
+    kept_names, carved_names = carve_validation(train_names, seed)
+    n_carved = len(carved_names)
+    test_note = f"no {FLICKR8K_LISTS['test']} in the release: test is the dev split"
+    log.warning(
+        "%s has no %s: test is the dev split (%d images, %s) and validation is %d images carved out of %s "
+        "(seed %d), which train no longer holds; choose on validation, report on test",
+        root, FLICKR8K_LISTS["test"], len(dev_names), dev_path.name, n_carved, train_path.name, seed,
+    )
+    carving = {"carved_images": n_carved, "carve_seed": seed}
+    return {
+        "train": (kept_names, {
+            "source": str(train_path), "source_split": "train", **carving,
+            "note": f"{n_carved} of the {len(train_names)} listed images were carved out as validation",
+        }),
+        "val": (carved_names, {
+            "source": str(train_path), "source_split": "train", "carved_from": "train", **carving,
+            "note": f"{test_note}; validation is {n_carved} images carved out of the train list",
+        }),
+        "test": (dev_names, {"source": str(dev_path), "source_split": "dev", "note": test_note}),
+    }
+
+
+def carved_validation_size(n_listed: int) -> int:
+    """Images carved out of a train list of ``n_listed``: ``CARVED_VALIDATION_IMAGES``, but at most a fifth
+    of the list so a tiny dataset still trains on most of its images, and at least one."""
+    return max(1, min(CARVED_VALIDATION_IMAGES, n_listed // 5))
+
+
+def carve_validation(train_names: Sequence[str], seed: int) -> tuple[list[str], list[str]]:
+    """``(train, validation)``: a seeded subset of :func:`carved_validation_size` names becomes validation,
+    the rest stays train; both keep listed order, and they are disjoint."""
+    n_carved = carved_validation_size(len(train_names))
+    picked = np.random.default_rng([seed, CARVE_SEED_STREAM]).permutation(len(train_names))[:n_carved]
+    is_carved = np.zeros(len(train_names), dtype=bool)
+    is_carved[picked] = True
+    kept = [name for name, carved in zip(train_names, is_carved) if not carved]
+    carved = [name for name, carved in zip(train_names, is_carved) if carved]
+    return kept, carved
 
 
 def _read_flickr8k_tokens(path: Path) -> dict[str, list[str]]:

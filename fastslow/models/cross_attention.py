@@ -41,10 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastslow.config import OBJECTIVES, CrossAttentionConfig
-from fastslow.data.text import WordTokenizer
-from fastslow.models.encoders import FeatureImages, build_image_tower, frames_per_item, model_input, trim_padding
+from fastslow.inputs import PAD_ID, FeatureImages, frames_per_item, model_input, trim_padding
+from fastslow.models.encoders import build_image_tower
 
-PAD_ID = WordTokenizer.pad_id
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per decoder layer
 POSITION_INIT_STD = 0.1
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastslow.config import TEMPORAL_POOLINGS, DualEncoderConfig
-from fastslow.models.encoders import FeatureImages, TextTransformer, build_image_tower, frames_per_item, model_input, text_input
+from fastslow.inputs import FeatureImages, frames_per_item, model_input, text_input
+from fastslow.models.encoders import TextTransformer, build_image_tower
 
 
 class TemporalPooling(nn.Module):

@@ -6,93 +6,17 @@ ones (:mod:`fastslow.models.cross_attention`).
 
 Two backbones: ``tiny`` (a :class:`ConvTower` trained from scratch on uint8 pixels) and
 ``pretrained`` (a :class:`FrozenFeatureTower` over EfficientNet-Lite0 features computed once,
-:mod:`fastslow.features`). Both read a split's images through :func:`model_input`: a uint8 array
-of pixels, or :class:`FeatureImages` indexed like one.
+:mod:`fastslow.features`). Both read a split's images through :func:`fastslow.inputs.model_input`:
+a uint8 array of pixels, or :class:`~fastslow.inputs.FeatureImages` indexed like one.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from dataclasses import dataclass
-
 from fastslow.config import EncoderConfig
-
-# Per-channel statistics of the `shapes` images are close to these; any image data works with them
-# because the first convolution is followed by batch normalisation.
-PIXEL_MEAN = (0.2, 0.2, 0.2)
-PIXEL_STD = (0.3, 0.3, 0.3)
-
-
-def images_to_tensor(
-    images: np.ndarray | torch.Tensor,
-    device: str | torch.device = "cpu",
-    mean: tuple[float, float, float] = PIXEL_MEAN,
-    std: tuple[float, float, float] = PIXEL_STD,
-) -> torch.Tensor:
-    """uint8 ``(B, H, W, 3)`` images to normalised float ``(B, 3, H, W)`` on ``device``; clips
-    ``(B, T, H, W, 3)`` to ``(B, T, 3, H, W)`` (the time axis stays: the models fold it into the batch).
-
-    ``mean``/``std`` are per channel on the [0, 1] scale (a pretrained backbone passes its own)."""
-    tensor = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    if tensor.ndim not in (4, 5) or tensor.shape[-1] != 3:
-        raise ValueError(f"expected (B, H, W, 3) images or (B, T, H, W, 3) clips, got shape {tuple(tensor.shape)}")
-    tensor = tensor.to(device).movedim(-1, -3).float().div_(255.0)
-    mean = torch.tensor(mean, device=device).view(3, 1, 1)
-    std = torch.tensor(std, device=device).view(3, 1, 1)
-    return (tensor - mean) / std
-
-
-@dataclass
-class FeatureImages:
-    """Frozen backbone features of a set of images, indexed like an array of images.
-
-    ``maps``: feature maps fine to coarse, ``(N, C_s, h_s, w_s)`` (float16 in the cache);
-    ``pooled``: ``(N, D)`` pooled features. ``images[indices]`` gives the features of those images,
-    so code written for pixel arrays (batches, galleries, subsets) works on them unchanged.
-    """
-
-    maps: list[torch.Tensor]
-    pooled: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.pooled)
-
-    def __getitem__(self, index) -> FeatureImages:
-        index = index if isinstance(index, slice) else torch.as_tensor(np.asarray(index))
-        return FeatureImages([m[index] for m in self.maps], self.pooled[index])
-
-    def to(self, device: str | torch.device) -> FeatureImages:
-        """On ``device`` in float32 (the heads train in float32; the cache stores float16)."""
-        return FeatureImages([m.to(device).float() for m in self.maps], self.pooled.to(device).float())
-
-
-def model_input(images: np.ndarray | FeatureImages, device: str | torch.device = "cpu") -> torch.Tensor | FeatureImages:
-    """What an image tower reads: normalised pixels from uint8 images, or frozen features on ``device``."""
-    if isinstance(images, FeatureImages):
-        return images.to(device)
-    return images_to_tensor(images, device)
-
-
-def text_input(texts: torch.Tensor) -> torch.Tensor:
-    """A batch of what a text tower reads: token ids with the shared padding trimmed, or frozen
-    sentence features (float) as they are."""
-    return texts if texts.is_floating_point() else trim_padding(texts)
-
-
-def frames_per_item(images: np.ndarray | torch.Tensor | FeatureImages) -> int:
-    """Frames of each item of a batch: 1 for ``(N, H, W, 3)`` images (and frozen image features),
-    T for ``(N, T, H, W, 3)`` clips."""
-    return images.shape[1] if getattr(images, "ndim", 4) == 5 else 1
-
-
-def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop the padding columns that every row of a batch shares (padding id 0)."""
-    length = int(tokens.ne(0).sum(1).max())
-    return tokens[:, :length]
-
+from fastslow.inputs import FEATURE_CHANNELS, FEATURE_STRIDES, PAD_ID, POOLED_DIM, FeatureImages
 
 def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
@@ -145,7 +69,7 @@ class TextTransformer(nn.Module):
 
     def __init__(self, vocab_size: int, width: int, layers: int, heads: int, max_tokens: int):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=0)
+        self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=PAD_ID)
         self.position_embedding = nn.Parameter(torch.zeros(max_tokens, width))
         nn.init.normal_(self.position_embedding, std=0.02)
         layer = nn.TransformerEncoderLayer(
@@ -159,7 +83,7 @@ class TextTransformer(nn.Module):
         """``(B, L)`` token ids (0 = padding) to ``(B, L, width)`` states."""
         length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.position_embedding[:length]
-        x = self.encoder(x, src_key_padding_mask=tokens.eq(0))
+        x = self.encoder(x, src_key_padding_mask=tokens.eq(PAD_ID))
         return self.norm(x)
 
 
@@ -185,8 +109,6 @@ class FrozenFeatureTower(nn.Module):
 
 def build_image_tower(config: EncoderConfig) -> ConvTower | FrozenFeatureTower:
     if config.backbone == "pretrained":
-        from fastslow.models.pretrained import FEATURE_CHANNELS, FEATURE_STRIDES, POOLED_DIM
-
         return FrozenFeatureTower(FEATURE_CHANNELS, FEATURE_STRIDES, POOLED_DIM)
     if config.backbone != "tiny":
         raise ValueError(f"unknown backbone {config.backbone!r}")

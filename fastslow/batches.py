@@ -7,9 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastslow.data.text import WordTokenizer
 from fastslow.data.types import CaptionedImages
-from fastslow.models.encoders import FeatureImages, model_input, text_input, trim_padding
+from fastslow.inputs import FeatureImages, model_input, text_input, trim_padding
 
 
 class PairBatches:
@@ -55,10 +54,6 @@ class PairBatches:
                 "texts": text_input(self.texts[captions]),
                 "image_index": torch.as_tensor(images),
             }
-
-
-def tokenize_captions(tokenizer: WordTokenizer, split: CaptionedImages, max_tokens: int) -> torch.Tensor:
-    return tokenizer.encode(split.captions, max_len=max_tokens)
 
 
 def headline_queries(split: CaptionedImages, captions_per_image: int) -> np.ndarray:

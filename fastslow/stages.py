@@ -1,0 +1,325 @@
+"""The study's stages, each one line in a notebook: load the data, train or load each model.
+
+Each ``train_or_load_*`` loads the cached artifact for its exact config or trains and saves it
+(:func:`fastslow.cache.load_or_build`): a notebook run on its own trains what it needs, and one run
+after its predecessors reuses their artifacts. Every stage trains through
+:func:`fastslow.train.fit`; what varies is the model, its loss and its batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastslow import distill, metrics
+from fastslow.batches import PairBatches, headline_queries
+from fastslow.cache import artifact_path, load_or_build
+from fastslow.config import TOWER_INITS, StudyConfig, config_hash
+from fastslow.data import CaptionedImages, WordTokenizer, load_dataset
+from fastslow.features import extract_features
+from fastslow.inputs import MAX_CAPTION_TOKENS, FeatureImages
+from fastslow.losses import cross_attention_loss, distillation_loss, symmetric_info_nce
+from fastslow.models.cross_attention import CrossAttentionModel, keep_twins_together
+from fastslow.models.dual_encoder import DualEncoder
+from fastslow.models.pretrained import text_backbone
+from fastslow.scoring import cross_attention_scores, dual_encoder_scores
+from fastslow.train import fit
+
+
+@dataclass
+class Study:
+    """The data a stage works on: splits, the tokenizer fitted on the training captions, and per
+    split what the models read.
+
+    ``tokens``: word ids of every caption (what the Slow model's caption decoders read).
+    ``visual``: what the image towers read, indexed like the split's images: the uint8 images
+    themselves (``tiny`` backbone) or their frozen EfficientNet-Lite0 features (``pretrained``).
+    ``texts``: what the dual encoder's text side reads per caption: the word ids (``tiny``) or the
+    frozen MiniLM sentence embeddings (``pretrained``).
+    """
+
+    config: StudyConfig
+    splits: dict[str, CaptionedImages]
+    tokenizer: WordTokenizer
+    tokens: dict[str, torch.Tensor]
+    visual: dict[str, np.ndarray | FeatureImages]
+    texts: dict[str, torch.Tensor]
+
+    @property
+    def test(self) -> CaptionedImages:
+        return self.splits["test"]
+
+    def headline_queries(self) -> np.ndarray:
+        """The test captions every method's ``headline`` row is scored on."""
+        queries = headline_queries(self.test, self.config.headline_captions_per_image)
+        return queries[: self.config.headline_max_queries]
+
+    def fast_texts(self, captions: list[str]) -> torch.Tensor:
+        """New captions (a search box's query) as the dual encoder's text side reads them."""
+        if self.config.dual.encoder.backbone == "pretrained":
+            return text_backbone()(captions, MAX_CAPTION_TOKENS).pooled
+        return self.tokenizer.encode(captions, max_len=self.config.dual.encoder.max_caption_tokens)
+
+
+def load_study(cfg: StudyConfig) -> Study:
+    """The splits of ``cfg.data``, tokenised; with the ``pretrained`` backbone also their frozen
+    features (extracted once, cached: :func:`fastslow.features.extract_features`)."""
+    splits = load_dataset(cfg.data)
+    encoder = cfg.dual.encoder
+    tokenizer = WordTokenizer.fit(splits["train"].captions, min_count=encoder.min_word_count)
+    tokens = {name: tokenizer.encode(split.captions, max_len=encoder.max_caption_tokens) for name, split in splits.items()}
+    if encoder.backbone == "pretrained":
+        features = {name: extract_features(cfg, name, split) for name, split in splits.items()}
+        # float32 in memory (the cache holds float16): converting every batch again costs more
+        # than the heads' own work.
+        visual = {name: FeatureImages(f.maps, f.pooled).to("cpu") for name, f in features.items()}
+        texts = {name: f.caption_pooled for name, f in features.items()}
+    else:
+        visual = {name: split.images for name, split in splits.items()}
+        texts = tokens
+    return Study(cfg, splits, tokenizer, tokens, visual, texts)
+
+
+@dataclass
+class Trained:
+    """A trained model with what produced it."""
+
+    model: nn.Module
+    history: dict[str, list[dict[str, float]]]
+    config_hash: str
+    train_seconds: float
+
+
+def build_seeded(make_model: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``make_model()`` with torch's generator seeded by ``seed``, leaving the caller's random state
+    as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_model()
+
+
+def train_or_load(
+    stage: str,
+    key: Any,
+    make_model: Callable[[], nn.Module],
+    *,
+    loss_fn,
+    epoch_batches,
+    validate,
+    train_config,
+    seed: int,
+    device: str,
+) -> Trained:
+    """Load ``stage``'s cached weights for ``key``, or train them with :func:`fastslow.train.fit`.
+
+    The model is built under ``seed`` (:func:`build_seeded`), so its initial weights depend on its
+    config alone, never on what ran before in the process."""
+
+    def build() -> dict[str, Any]:
+        model = build_seeded(make_model, seed)
+        started = time.perf_counter()
+        history = fit(
+            model,
+            loss_fn,
+            epoch_batches,
+            validate,
+            train_config,
+            seed=seed,
+            device=device,
+            checkpoint=artifact_path(stage, key, ".ckpt"),
+            desc=stage,
+        )
+        seconds = time.perf_counter() - started
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        return {"state": state, "history": history, "train_seconds": seconds}
+
+    artifact = load_or_build(stage, key, build)
+    artifact_path(stage, key, ".ckpt").unlink(missing_ok=True)
+    model = build_seeded(make_model, seed)
+    model.load_state_dict(artifact["state"])
+    model.to(device).eval()
+    return Trained(model, artifact["history"], config_hash(key), artifact["train_seconds"])
+
+
+# --- Fast: the dual encoder ---------------------------------------------------------------------
+
+
+def dual_encoder_key(cfg: StudyConfig) -> dict[str, Any]:
+    return {"data": cfg.data, "model": cfg.dual, "train": cfg.train_dual, "seed": cfg.seed}
+
+
+def dual_encoder_validation(data: Study, device: str) -> Callable[[DualEncoder], float]:
+    """Validation RSUM of a dual encoder: what early stopping and model choice watch."""
+    val = data.splits["val"]
+
+    def validation_rsum(model: DualEncoder) -> float:
+        scores = dual_encoder_scores(model, data.visual["val"], data.texts["val"], device)
+        return metrics.rsum(metrics.retrieval_metrics(scores, val.caption_image))
+
+    return validation_rsum
+
+
+def train_or_load_dual_encoder(cfg: StudyConfig, data: Study | None = None) -> Trained:
+    """The Fast model trained with symmetric InfoNCE, early-stopped on validation RSUM."""
+    data = data or load_study(cfg)
+    train = data.splits["train"]
+
+    def contrastive(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
+        return symmetric_info_nce(model(batch["images"], batch["texts"]))
+
+    def epoch_batches(epoch: int) -> PairBatches:
+        return PairBatches(
+            train, data.tokens["train"], cfg.train_dual.batch_size, cfg.seed, epoch,
+            data.visual["train"], data.texts["train"],
+        )
+
+    return train_or_load(
+        "dual_encoder",
+        dual_encoder_key(cfg),
+        lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, train.frames),
+        loss_fn=contrastive,
+        epoch_batches=epoch_batches,
+        validate=dual_encoder_validation(data, cfg.device),
+        train_config=cfg.train_dual,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+
+
+# --- Slow: the cross-attention model ------------------------------------------------------------
+
+
+def cross_attention_key(cfg: StudyConfig, **variant) -> dict[str, Any]:
+    """What a Slow model depends on; ``variant`` overrides fields of ``cfg.cross``
+    (``upsample_steps``, ``objective``), so each ablation variant has its own cache entry. A tower
+    started from the dual encoder's adds the dual encoder's own key."""
+    model = dataclasses.replace(cfg.cross, **variant)
+    key = {"data": cfg.data, "model": model, "train": cfg.train_cross, "seed": cfg.seed}
+    if model.tower_init == "dual_encoder":
+        key["tower"] = dual_encoder_key(cfg)
+    return key
+
+
+def cross_attention_validation(data: Study, device: str, n_images: int) -> Callable[[CrossAttentionModel], float]:
+    """Validation RSUM of a Slow model on the first caption of the first ``n_images`` validation
+    images against those images (the Slow model scores every pair, so the whole split would cost
+    more than an epoch of training)."""
+    val = data.splits["val"]
+    n_images = min(n_images, len(val))
+    queries = headline_queries(val, 1)[:n_images]
+    gallery = data.visual["val"][:n_images]
+
+    def validation_rsum(model: CrossAttentionModel) -> float:
+        scores = cross_attention_scores(model, gallery, data.tokens["val"], device, queries)
+        return metrics.rsum(metrics.retrieval_metrics(scores, val.caption_image[queries]))
+
+    return validation_rsum
+
+
+def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, **variant) -> Trained:
+    """The Slow model (``cfg.cross`` with ``variant`` overrides: ``upsample_steps``, ``objective``,
+    ``tower_init``), trained by ``cfg.train_cross`` and early-stopped on validation RSUM. With
+    ``tower_init="dual_encoder"`` its image tower starts from the Fast model's
+    (:func:`train_or_load_dual_encoder`: loaded from the cache, or trained first)."""
+    data = data or load_study(cfg)
+    model_config = dataclasses.replace(cfg.cross, **variant)
+    if model_config.tower_init not in TOWER_INITS:
+        raise ValueError(f"unknown tower_init {model_config.tower_init!r}; choose one of {', '.join(TOWER_INITS)}")
+    if model_config.tower_init == "dual_encoder" and model_config.encoder != cfg.dual.encoder:
+        raise ValueError("tower_init='dual_encoder' needs the same encoder config for both models")
+    if model_config.tower_init == "scratch" and not model_config.train_tower:
+        raise ValueError("a tower trained from scratch must have train_tower=True")
+    tower = None
+    if model_config.tower_init == "dual_encoder":
+        tower = train_or_load_dual_encoder(cfg, data).model.image_tower.state_dict()
+    train = data.splits["train"]
+
+    def make_model() -> CrossAttentionModel:
+        model = CrossAttentionModel(data.tokenizer.vocab_size, model_config, cfg.data.image_size, train.frames)
+        if tower is not None:
+            model.image_tower.load_state_dict(tower)
+        return model
+
+    def epoch_batches(epoch: int) -> PairBatches:
+        batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, data.visual["train"])
+        if model_config.objective == "itm":  # twins share batches, so each can be the other's negative
+            batches.order = keep_twins_together(batches.order, train.twin)
+        return batches
+
+    return train_or_load(
+        "cross_attention",
+        cross_attention_key(cfg, **variant),
+        make_model,
+        loss_fn=cross_attention_loss(train.twin),
+        epoch_batches=epoch_batches,
+        validate=cross_attention_validation(data, cfg.device, model_config.validation_images),
+        train_config=cfg.train_cross,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+
+
+# --- students: the Fast model distilled from the Slow one ---------------------------------------
+
+
+def train_or_load_student(cfg: StudyConfig, data: Study, method: str, seed: int, *, fast: Trained, slow: Trained) -> Trained:
+    """The dual encoder ``fast`` fine-tuned with ``method`` ("tfs", "dcd", or "control": no
+    teacher) from the Slow model ``slow`` (the teacher), on fixed hard batches (:mod:`fastslow.distill`)."""
+    if method not in distill.METHODS:
+        raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(distill.METHODS)}")
+    train = data.splits["train"]
+    prepared = distill.prepare(cfg, data, fast.model, slow.model, fast.config_hash, slow.config_hash, seed)
+    key = distill.distillation_key(cfg, fast.config_hash, slow.config_hash, method, seed)
+
+    def make_model() -> DualEncoder:
+        model = DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, train.frames)
+        model.load_state_dict(fast.model.state_dict())
+        return model
+
+    def loss_fn(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float):
+        logits = model(batch["images"], batch["texts"])
+        return distillation_loss(method, cfg.distill, logits, batch["teacher"], progress)
+
+    def epoch_batches(epoch: int) -> distill.DistillBatches:
+        return distill.DistillBatches(
+            data.visual["train"], data.texts["train"], prepared["batches"], prepared["captions"],
+            prepared["teacher_scores"], seed, epoch,
+        )
+
+    return train_or_load(
+        f"distilled_{method}",
+        key,
+        make_model,
+        loss_fn=loss_fn,
+        epoch_batches=epoch_batches,
+        validate=dual_encoder_validation(data, cfg.device),
+        train_config=cfg.distill.train,
+        seed=seed,
+        device=cfg.device,
+    )
+
+
+def train_or_load_students(cfg: StudyConfig, data: Study, *, fast: Trained, slow: Trained) -> dict[tuple[str, int], Trained]:
+    """Every (method, seed) of the distillation comparison: the control, TFS and DCD."""
+    runs = {}
+    for method in tqdm(distill.METHODS, desc="distillation methods"):
+        for seed in cfg.distill.seeds:
+            runs[method, seed] = train_or_load_student(cfg, data, method, seed, fast=fast, slow=slow)
+    return runs
+
+
+def best_student(cfg: StudyConfig, data: Study, *, fast: Trained, slow: Trained) -> tuple[str, Trained]:
+    """The distilled student (TFS or DCD, first seed) with the better validation RSUM, and its
+    method word."""
+    seed = cfg.distill.seeds[0]
+    students = {m: train_or_load_student(cfg, data, m, seed, fast=fast, slow=slow) for m in ("tfs", "dcd")}
+    best = max(students, key=lambda m: max(e["val_score"] for e in students[m].history["epochs"]))
+    return distill.METHOD_NAMES[best], students[best]
