@@ -37,22 +37,26 @@ def ms_per_item(fn: Callable[[], object], items: int, repeats: int = 5, warmup: 
     return 1000.0 * median_seconds(fn, repeats=repeats, warmup=warmup) / items
 
 
-def fast_query_ms(model, index, texts: torch.Tensor, device: str = "cpu", k: int = 10, repeats: int = 5) -> float:
-    """Per-query latency of the Fast model: encode one caption, search the index for its top ``k``.
+# A query encoder: captions as typed -> what a model's text side reads (token ids or sentence features).
+QueryEncoder = Callable[[list[str]], torch.Tensor]
 
-    ``texts``: the captions as the model's text side reads them (``data.texts``: token ids, or
-    frozen sentence features, whose encoder then is not part of the time). Queries run one at a
-    time, as a user's would; the median over ``repeats`` passes is reported.
-    """
-    queries = [text_input(texts[i : i + 1]).to(device) for i in range(len(texts))]
+
+def fast_query_ms(
+    model, index, captions: list[str], *, encode: QueryEncoder, device: str = "cpu", k: int = 10, repeats: int = 5
+) -> float:
+    """Per-query latency of the Fast model, everything a query pays for: turn the typed caption
+    into the text side's input (``encode``: tokenising, and the frozen MiniLM with the pretrained
+    backbone), embed it, search the index for its top ``k``. Queries run one at a time, as a
+    user's would; the median over ``repeats`` passes is reported."""
 
     @torch.no_grad()
     def run_all() -> None:
-        for query in queries:
-            index.search(model.encode_texts(query).cpu(), k)
+        for caption in captions:
+            text = text_input(encode([caption])).to(device)
+            index.search(model.encode_texts(text).cpu(), k)
 
     with single_threaded():
-        return ms_per_item(run_all, items=len(queries), repeats=repeats)
+        return ms_per_item(run_all, items=len(captions), repeats=repeats)
 
 
 def filler_vectors(real: torch.Tensor, count: int, seed: int) -> np.ndarray:
@@ -119,33 +123,50 @@ def index_scaling(
 
 
 def fast_slow_query_ms(
-    fast_model, index, slow_model, gallery_tokens: torch.Tensor, texts: torch.Tensor, tokens: torch.Tensor, k: int, device: str = "cpu", repeats: int = 3
+    fast_model,
+    index,
+    slow_model,
+    gallery_tokens: torch.Tensor,
+    captions: list[str],
+    *,
+    encode_fast: QueryEncoder,
+    encode_slow: QueryEncoder,
+    k: int,
+    device: str = "cpu",
+    repeats: int = 3,
 ) -> float:
-    """Per-query latency of Fast+Slow: encode the caption (``texts``, as in :func:`fast_query_ms`),
-    search the top ``k``, score those ``k`` with the Slow model (``tokens``: the same captions' word
-    ids) against the gallery's cached visual tokens. One query at a time."""
-    queries = [(text_input(texts[i : i + 1]).to(device), trim_padding(tokens[i : i + 1]).to(device)) for i in range(len(tokens))]
+    """Per-query latency of Fast+Slow, everything a query pays for: encode the typed caption for
+    both models (``encode_fast`` as in :func:`fast_query_ms`, ``encode_slow``: the Slow model's word
+    ids), search the Fast top ``k``, score those ``k`` with the Slow model against the gallery's
+    cached visual tokens. One query at a time."""
 
     @torch.no_grad()
     def run_all() -> None:
-        for text, query in queries:
+        for caption in captions:
+            text = text_input(encode_fast([caption])).to(device)
             _, ids = index.search(fast_model.encode_texts(text).cpu(), k)
-            pair_scores(slow_model, gallery_tokens, query, torch.as_tensor(ids))
+            tokens = trim_padding(encode_slow([caption])).to(device)
+            pair_scores(slow_model, gallery_tokens, tokens, torch.as_tensor(ids))
 
     with single_threaded():
-        return ms_per_item(run_all, items=len(queries), repeats=repeats)
+        return ms_per_item(run_all, items=len(captions), repeats=repeats)
 
 
-def slow_only_query_ms(slow_model, gallery_tokens: torch.Tensor, tokens: torch.Tensor, device: str = "cpu", repeats: int = 3) -> float:
-    """Per-query latency of the Slow model alone: every gallery image scored for one caption."""
+def slow_only_query_ms(
+    slow_model, gallery_tokens: torch.Tensor, captions: list[str], *, encode_slow: QueryEncoder, device: str = "cpu",
+    repeats: int = 3,
+) -> float:
+    """Per-query latency of the Slow model alone: tokenise the typed caption and score every
+    gallery image for it."""
     everyone = torch.arange(len(gallery_tokens))[None]
-    queries = [trim_padding(tokens[i : i + 1]).to(device) for i in range(len(tokens))]
 
+    @torch.no_grad()
     def run_all() -> None:
-        for query in queries:
-            pair_scores(slow_model, gallery_tokens, query, everyone)
+        for caption in captions:
+            pair_scores(slow_model, gallery_tokens, trim_padding(encode_slow([caption])).to(device), everyone)
 
-    return ms_per_item(run_all, items=len(queries), repeats=repeats)
+    return ms_per_item(run_all, items=len(captions), repeats=repeats)
+
 
 def fast_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataFrame:
     """:func:`fastslow.bench.index_scaling` on the dual encoder's test embeddings, cached."""

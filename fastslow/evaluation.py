@@ -64,7 +64,8 @@ def cross_attention_variants(
         started = time.perf_counter()
         scores = pair_scores(trained.model, gallery, tokens, torch.arange(len(data.test)).expand(len(queries), -1))
         seconds = time.perf_counter() - started
-        ms = slow_only_query_ms(trained.model, gallery, tokens[:latency_queries], cfg.device)
+        captions = data.captions("test", queries[:latency_queries])
+        ms = slow_only_query_ms(trained.model, gallery, captions, encode_slow=data.slow_tokens, device=cfg.device)
         results[name] = {
             "variant": variant,
             "metrics": metrics.evaluate(scores, data.test, queries),

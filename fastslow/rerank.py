@@ -9,6 +9,7 @@ then ``slow + alpha * fast``. ``alpha`` is chosen on validation (:func:`choose_a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -115,8 +116,7 @@ class Searcher:
         """The top ``k`` images before (Fast) and after (Fast+Slow) re-ranking the Fast top ``rerank_k``."""
         if not query.strip():
             raise ValueError("the query is empty: type a caption to search for")
-        encoder = self.data.config.cross.encoder
-        tokens = self.data.tokenizer.encode([query], max_len=encoder.max_caption_tokens).to(self.device)
+        tokens = self.data.slow_tokens([query]).to(self.device)
         texts = self.data.fast_texts([query]).to(self.device)
         fast_top, ids = self.index.search(self.fast_model.encode_texts(texts).cpu(), rerank_k)
         slow_top = pair_scores(self.slow_model, self.visual_tokens, tokens, torch.as_tensor(ids))
@@ -156,46 +156,55 @@ def fast_slow_sweep(
     return sweep
 
 
-def validation_reranker(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> tuple[Reranker, torch.Tensor, np.ndarray]:
+@dataclass(frozen=True)
+class RerankValidation:
     """What the re-ranking settings are chosen on, never the test split: the first caption of
-    validation images (``cfg.rerank.validation_queries`` of them) against the validation gallery,
-    with the Fast scores, every Slow score (cached) and a Reranker over them."""
+    ``queries`` validation images against the validation gallery, with every Slow score and a
+    Reranker over the Fast scores."""
+
+    split: CaptionedImages
+    queries: np.ndarray
+    slow_scores: torch.Tensor
+    reranker: Reranker
+
+    def t2i(self, scores: torch.Tensor) -> dict[str, float]:
+        return metrics.evaluate(scores, self.split, self.queries)["t2i"]
+
+
+def validation_reranker(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> RerankValidation:
+    """:class:`RerankValidation` for ``cfg.rerank.validation_queries`` validation captions (the Slow
+    scores cached, so a rerun costs the Fast scores only)."""
     val = data.splits["val"]
     queries = headline_queries(val, 1)[: cfg.rerank.validation_queries]
     fast_scores = dual_encoder_scores(fast.model, data.visual["val"], data.texts["val"], cfg.device)[queries]
     name = f"val-{config_hash(cfg.data)}"
     slow_scores = cached_slow_scores(slow, data.visual["val"], data.tokens["val"], queries, cfg.device, name)
-    return Reranker(fast_scores, lookup_scorer(slow_scores), len(val)), slow_scores, queries
+    return RerankValidation(val, queries, slow_scores, Reranker(fast_scores, lookup_scorer(slow_scores), len(val)))
 
 
-def choose_rerank_alpha(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained) -> tuple[float, dict[float, float]]:
-    """The weight of the Fast score in the re-ranking combination, chosen on validation captions
+def choose_rerank_alpha(cfg: StudyConfig, validation: RerankValidation) -> tuple[float, dict[float, float]]:
+    """The weight of the Fast score in the re-ranking combination, chosen on validation
     (text-to-image R@1 + R@5 + R@10 at K = ``cfg.rerank.alpha_k``)."""
-    reranker, _, queries = validation_reranker(cfg, data, fast, slow)
-    val = data.splits["val"]
 
     def rating(scores: torch.Tensor) -> float:
-        t2i = metrics.evaluate(scores, val, queries)["t2i"]
+        t2i = validation.t2i(scores)
         return t2i["R@1"] + t2i["R@5"] + t2i["R@10"]
 
-    return choose_alpha(reranker, rating, min(cfg.rerank.alpha_k, reranker.max_k), cfg.rerank.alphas)
+    k = min(cfg.rerank.alpha_k, validation.reranker.max_k)
+    return choose_alpha(validation.reranker, rating, k, cfg.rerank.alphas)
 
 
-def choose_rerank_k(
-    cfg: StudyConfig, data: Study, fast: Trained, slow: Trained, alpha: float, tolerance: float = 1.0
-) -> tuple[int, pd.DataFrame]:
+def choose_rerank_k(validation: RerankValidation, alpha: float, tolerance: float = 1.0) -> tuple[int, pd.DataFrame]:
     """The re-ranking depth K, chosen on validation: the smallest K below the gallery size whose
     text-to-image R@1 is within ``tolerance`` points of the Slow model's alone, else the K with the
     best R@1. Returns K and the validation R@1 by K (K = gallery size is Slow-only)."""
-    reranker, slow_scores, queries = validation_reranker(cfg, data, fast, slow)
-    val = data.splits["val"]
-    slow_r1 = metrics.evaluate(slow_scores, val, queries)["t2i"]["R@1"]
-    ks = [k for k in k_values(len(val)) if k < len(val)]
-    r1 = {k: metrics.evaluate(reranker.scores(k, alpha), val, queries)["t2i"]["R@1"] for k in ks}
+    gallery = len(validation.split)
+    slow_r1 = validation.t2i(validation.slow_scores)["R@1"]
+    ks = [k for k in k_values(gallery) if k < gallery]
+    r1 = {k: validation.t2i(validation.reranker.scores(k, alpha))["R@1"] for k in ks}
     close = [k for k in ks if r1[k] >= slow_r1 - tolerance]
     chosen = close[0] if close else max(ks, key=lambda k: r1[k])
-    table = pd.DataFrame({"K": [*ks, len(val)], "validation t2i R@1": [*r1.values(), slow_r1]})
-    return chosen, table
+    return chosen, pd.DataFrame({"K": [*ks, gallery], "validation t2i R@1": [*r1.values(), slow_r1]})
 
 
 def large_gallery(cfg: StudyConfig, data: Study) -> tuple[CaptionedImages, torch.Tensor, np.ndarray] | None:
@@ -228,11 +237,12 @@ def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trai
     ks = k_values(len(gallery), (1, 2, 5, 10, 20, 50, 100))
     index = fast_index(fast, gallery.images, cfg.device)
     visual = visual_tokens(slow.model, gallery.images, cfg.device)
-    latency_tokens = tokens[torch.as_tensor(queries[: cfg.rerank.latency_queries])]
-    slow_ms = slow_only_query_ms(slow.model, visual, latency_tokens, cfg.device)
+    captions = [gallery.captions[q] for q in queries[: cfg.rerank.latency_queries]]
+    slow_ms = slow_only_query_ms(slow.model, visual, captions, encode_slow=data.slow_tokens, device=cfg.device)
     measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),
                  "ms_per_query": slow_ms}]
     for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks[:-1], alpha).items():
-        ms = fast_slow_query_ms(fast.model, index, slow.model, visual, latency_tokens, latency_tokens, k, cfg.device)
+        ms = fast_slow_query_ms(fast.model, index, slow.model, visual, captions, encode_fast=data.fast_texts,
+                                encode_slow=data.slow_tokens, k=k, device=cfg.device)
         measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": ms})
     return measured

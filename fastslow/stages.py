@@ -68,6 +68,14 @@ class Study:
             return text_backbone()(captions, MAX_CAPTION_TOKENS).pooled
         return self.tokenizer.encode(captions, max_len=self.config.dual.encoder.max_caption_tokens)
 
+    def slow_tokens(self, captions: list[str]) -> torch.Tensor:
+        """New captions as the Slow model's caption decoders read them: word ids."""
+        return self.tokenizer.encode(captions, max_len=self.config.cross.encoder.max_caption_tokens)
+
+    def captions(self, split: str, queries: np.ndarray) -> list[str]:
+        """The text of captions ``queries`` of ``split``: what a timed query types."""
+        return [self.splits[split].captions[q] for q in queries]
+
 
 def load_study(cfg: StudyConfig) -> Study:
     """The splits of ``cfg.data``, tokenised; with the ``pretrained`` backbone also their frozen

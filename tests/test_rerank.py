@@ -88,3 +88,30 @@ def test_the_search_box_stays_idle_in_batch_runs(monkeypatch):
     monkeypatch.setenv("FASTSLOW_BATCH", "1")
     box = plots.search_widget(NoSearch(), gallery=None, query="a red circle")
     assert box.value == "a red circle"
+
+
+def test_query_latency_includes_encoding_the_typed_caption(monkeypatch):
+    from fastslow import bench
+    from fastslow.index import VectorIndex
+
+    encoded = []
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        encoded.extend(captions)
+        return torch.ones(len(captions), 4)
+
+    class Fast:
+        def encode_texts(self, texts):
+            return torch.nn.functional.normalize(texts, dim=-1)
+
+    scored = []
+    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append(ids.shape))
+    index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
+    captions = ["a red circle", "a blue square"]
+    bench.fast_query_ms(Fast(), index, captions, encode=encode, repeats=2)
+    assert encoded == captions * 3  # one warm-up pass and two timed ones, every query encoded each time
+    encoded.clear()
+    bench.fast_slow_query_ms(Fast(), index, None, torch.zeros(50, 1, 1), captions, encode_fast=encode,
+                             encode_slow=lambda c: encode(c).long(), k=5, repeats=1)
+    assert encoded == [c for c in captions for _ in range(2)] * 2  # both models' encoders, per query
+    assert set(scored) == {(1, 5)}  # the Slow model scores the Fast top 5 of each query
