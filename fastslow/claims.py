@@ -152,7 +152,7 @@ def slow_pick(rows: pd.DataFrame) -> Pick:
     K sweep on the test gallery (the same model on the same headline queries)."""
     if not Pick("headline", "cross_attention").rows(rows).empty:
         return Pick("headline", "cross_attention")
-    galleries = Pick("k_sweep", "cross_attention", gallery=None).rows(rows)["gallery"]
+    galleries = Pick("k_sweep", "cross_attention").rows(rows)["gallery"]
     return Pick("k_sweep", "cross_attention", gallery=int(galleries.min()) if len(galleries) else None)
 
 
@@ -199,16 +199,21 @@ def check_dcd_distillation(rows: pd.DataFrame) -> Finding:
     return Finding(accuracy.table, verdict, accuracy.explanation + sentence)
 
 
+def headline_k(rows: pd.DataFrame) -> int | None:
+    """The re-ranking depth of the headline Fast+Slow row (chosen on validation), if one ran."""
+    ks = rows[(rows["experiment"] == "headline") & (rows["method"] == "fast_slow")]["K"].dropna()
+    return int(ks.iloc[0]) if len(ks) else None
+
+
 def check_reranking(rows: pd.DataFrame) -> Finding:
     """RQ3, per gallery of notebook 05's K sweep, at the K chosen on validation (the headline
     fast_slow row's K): accuracy = Fast+Slow − Fast (K = 1 re-ranks nothing), paired; speed =
     Slow-only ÷ Fast+Slow ms per query, ≥ 100x. How far Fast+Slow stays from Slow-only is shown
     with its interval. The verdict is the one at the largest gallery (the claim is about scale)."""
-    chosen_k = rows[(rows["experiment"] == "headline") & (rows["method"] == "fast_slow")]["K"].dropna()
+    k = headline_k(rows)
     galleries = sorted(rows[rows["experiment"] == "k_sweep"]["gallery"].dropna().unique())
-    if chosen_k.empty or not galleries:
+    if k is None or not galleries:
         return Finding(pd.DataFrame(), NOT_RUN, "Needs notebook 05's K sweep and its headline fast_slow row (K chosen on validation).")
-    k = int(chosen_k.iloc[0])
     found = []
     for gallery in galleries:
         at_k, fast = Pick("k_sweep", "fast_slow", K=k, gallery=gallery), Pick("k_sweep", "fast_slow", K=1, gallery=gallery)
@@ -272,10 +277,7 @@ def check_upsampling(rows: pd.DataFrame) -> Finding:
 def check_video(rows: pd.DataFrame) -> Finding:
     """VIDEO: fast_slow − dual_encoder headline t2i R@1 on a video dataset, paired."""
     picks = {m: Pick("headline", m) for m in ("dual_encoder", "control", "distilled_tfs", "distilled_dcd")}
-    picks["fast_slow"] = Pick("headline", "fast_slow", K=None)
-    fast_slow_rows = rows[(rows["experiment"] == "headline") & (rows["method"] == "fast_slow")]
-    if len(fast_slow_rows["K"].dropna()):
-        picks["fast_slow"] = Pick("headline", "fast_slow", K=int(fast_slow_rows["K"].dropna().iloc[0]))
+    picks["fast_slow"] = Pick("headline", "fast_slow", K=headline_k(rows))
     picks["cross_attention"] = slow_pick(rows)
     table = interval_table(rows, picks)
     difference = compare(rows, picks["fast_slow"], FAST)

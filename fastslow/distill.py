@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from fastslow.cache import load_or_build
 from fastslow.config import StudyConfig
 from fastslow.data.types import CaptionedImages
+from fastslow.inputs import model_input, text_input
 from fastslow.models.cross_attention import pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, embed_images
-from fastslow.inputs import model_input, text_input
 
 log = logging.getLogger(__name__)
 
