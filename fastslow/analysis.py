@@ -116,6 +116,13 @@ def split_statistics(splits: dict[str, CaptionedImages], tokenizer) -> pd.DataFr
     return frame
 
 
+def split_origins(splits: dict[str, CaptionedImages]) -> pd.DataFrame:
+    """Where each split came from (its ``meta``: the list file, the release split it was taken
+    from, a carved validation set), one row per split; generated data says so."""
+    rows = {name: dict(split.meta) or {"source": "generated (deterministic from the seed)"} for name, split in splits.items()}
+    return pd.DataFrame(rows).T.fillna("").rename_axis("split")
+
+
 def newly_right(before: pd.Series, after: pd.Series, captions: list[str], n: int = 8) -> pd.DataFrame:
     """Queries ranked first by ``after`` but not by ``before`` (text-to-image ranks per query)."""
     gained = (after == 1) & (before > 1)

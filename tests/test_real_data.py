@@ -464,3 +464,11 @@ def test_shared_flickr8k_sample_loads():
     listed = {s: (SHARED_FLICKR8K / f"Flickr_8k.{s}Images.txt").read_text().split() for s in ("train", "dev")}
     assert set(val.image_ids) <= set(listed["train"]) and set(test.image_ids) <= set(listed["dev"])
     assert not set(train.image_ids) & set(val.image_ids) and not set(val.image_ids) & set(listed["dev"])
+
+
+def test_notebook_01_can_show_where_each_split_came_from(flickr8k_many):
+    from fastslow.analysis import split_origins
+
+    origins = split_origins(load_flickr8k(flickr8k_many, image_size=8))
+    assert origins.loc["val", "carved_from"] == "train"
+    assert origins.loc["test", "source_split"] == "dev"
