@@ -15,10 +15,11 @@ Losses, with ``S`` the student's scaled similarities and ``T`` the teacher's sco
 - TFS: ``L = alpha * InfoNCE(S) + (1 - alpha) * (KL_rows(T || S) + KL_cols(T || S)) / 2``, with
   ``KL_rows(T || S) = mean_i KL(softmax(T_i) || softmax(S_i))`` over the whole batch.
 - DCD: the teacher keeps, for each query, the positive and its ``k`` highest-scored negatives
-  (the DCD paper keeps 8 of 63 drawn; we keep ``k`` of ``B - 1`` in-batch ones). The KL is taken
-  over those ``k + 1`` candidates only, each row weighted by
+  (DCD's official code keeps 7 of 63 drawn at random; we keep ``k`` of ``B - 1`` in-batch ones).
+  The KL is taken over those ``k + 1`` candidates only, each row weighted by
   :func:`fastslow.losses.dynamic_sample_weights` (teacher entropy, shifting with training progress):
-  ``L = alpha * InfoNCE(S) + (1 - alpha) * (wKL_rows + wKL_cols) / 2`` with the paper's alpha = 0.2.
+  ``L = alpha * InfoNCE(S) + (1 - alpha) * (wKL_rows + wKL_cols) / 2`` with alpha = 0.2, which puts
+  0.8 on the teacher's term: DCD's official code puts 0.2 there instead.
 """
 
 from __future__ import annotations
