@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,21 @@ from fastslow.inputs import text_input, trim_padding
 from fastslow.models.cross_attention import pair_scores
 from fastslow.models.dual_encoder import embed_images, embed_texts
 from fastslow.stages import Study, Trained
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Per-query latency is timed on one thread, torch and FAISS alike, for Fast, Fast+Slow and
+    Slow-only: one query at a time has little to split, the other core is often busy, and a
+    speed-up then compares like with like (FAISS's OpenMP setting also reaches torch on some builds,
+    so leaving one of the two unset would time the methods on different thread counts)."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with single_threaded():
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -55,7 +71,7 @@ def fast_query_ms(
             text = text_input(encode([caption])).to(device)
             index.search(model.encode_texts(text).cpu(), k)
 
-    with single_threaded():
+    with one_thread():
         return ms_per_item(run_all, items=len(captions), repeats=repeats)
 
 
@@ -148,7 +164,7 @@ def fast_slow_query_ms(
             tokens = trim_padding(encode_slow([caption])).to(device)
             pair_scores(slow_model, gallery_tokens, tokens, torch.as_tensor(ids))
 
-    with single_threaded():
+    with one_thread():
         return ms_per_item(run_all, items=len(captions), repeats=repeats)
 
 
@@ -157,7 +173,7 @@ def slow_only_query_ms(
     repeats: int = 3,
 ) -> float:
     """Per-query latency of the Slow model alone: tokenise the typed caption and score every
-    gallery image for it."""
+    gallery image for it (on one thread, as the others: :func:`one_thread`)."""
     everyone = torch.arange(len(gallery_tokens))[None]
 
     @torch.no_grad()
@@ -165,7 +181,8 @@ def slow_only_query_ms(
         for caption in captions:
             pair_scores(slow_model, gallery_tokens, trim_padding(encode_slow([caption])).to(device), everyone)
 
-    return ms_per_item(run_all, items=len(captions), repeats=repeats)
+    with one_thread():
+        return ms_per_item(run_all, items=len(captions), repeats=repeats)
 
 
 def fast_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataFrame:

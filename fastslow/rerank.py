@@ -230,11 +230,15 @@ def fast_index(fast: Trained, visual: np.ndarray | FeatureImages, device: str, f
 def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained, alpha: float) -> list[dict[str, Any]]:
     """The K sweep and the speed-up on :func:`large_gallery`: per K, Fast+Slow's metrics and
     latency (``method`` fast_slow), and the Slow model alone over the whole gallery (``method``
-    cross_attention, K None), ready for :meth:`fastslow.notebook.Session.record_metrics`."""
-    gallery, tokens, queries = large_gallery(cfg, data)
+    cross_attention, K None), ready for :meth:`fastslow.notebook.Session.record_metrics`; nothing
+    where there is no larger gallery. Its K values are the test sweep's, so the K chosen on
+    validation is among them."""
+    if (larger := large_gallery(cfg, data)) is None:
+        return []
+    gallery, tokens, queries = larger
     fast_scores = dual_encoder_scores(fast.model, gallery.images, tokens, cfg.device)[queries]
     slow_scores = cached_slow_scores(slow, gallery.images, tokens, queries, cfg.device, name=f"large-{cfg.data.seed + 1000}")
-    ks = k_values(len(gallery), (1, 2, 5, 10, 20, 50, 100))
+    ks = k_values(len(gallery))
     index = fast_index(fast, gallery.images, cfg.device)
     visual = visual_tokens(slow.model, gallery.images, cfg.device)
     captions = [gallery.captions[q] for q in queries[: cfg.rerank.latency_queries]]

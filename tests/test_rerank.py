@@ -115,3 +115,12 @@ def test_query_latency_includes_encoding_the_typed_caption(monkeypatch):
                              encode_slow=lambda c: encode(c).long(), k=5, repeats=1)
     assert encoded == [c for c in captions for _ in range(2)] * 2  # both models' encoders, per query
     assert set(scored) == {(1, 5)}  # the Slow model scores the Fast top 5 of each query
+
+
+def test_latency_is_timed_on_one_thread_and_the_setting_restored():
+    from fastslow import bench
+
+    before = torch.get_num_threads()
+    with bench.one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
