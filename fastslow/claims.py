@@ -6,7 +6,8 @@ verdict rests on is a **paired** bootstrap interval over the same queries (both 
 ranks, :func:`fastslow.intervals.paired_difference`), with the spread over seeds folded in where
 several ran. A comparison is ``reproduced`` when its 95% interval lies above 0, ``not reproduced``
 when below, ``inconclusive`` when it straddles 0. A claim with several parts (accuracy and speed)
-is ``partly`` reproduced when its parts disagree. ``not run`` when the rows a rule needs are missing.
+is ``partly`` reproduced when one part is reproduced and another is not
+(:func:`combine_verdicts`). ``not run`` when the rows a rule needs are missing.
 Numbers are text-to-image R@1 (the papers' main task) unless a rule says otherwise.
 """
 
