@@ -123,7 +123,8 @@ def prepare(cfg: StudyConfig, data, student: DualEncoder, teacher, student_key: 
     def build() -> dict[str, Any]:
         batches = hard_batches(embed_images(student, data.visual["train"], cfg.device), batch_size, seed=seed)
         captions = fixed_captions(train, seed=seed)
-        scores = teacher_batch_scores(teacher, data.visual["train"], data.tokens["train"], batches, captions, cfg.device)
+        texts = data.slow_texts("train", teacher.reads)
+        scores = teacher_batch_scores(teacher, data.visual["train"], texts, batches, captions, cfg.device)
         return {"batches": batches, "captions": captions, "teacher_scores": scores}
 
     return load_or_build("teacher_scores", key, build)

@@ -17,6 +17,7 @@ from fastslow.config import StudyConfig, config_hash
 from fastslow.inputs import FeatureImages
 from fastslow.models.cross_attention import CrossAttentionModel, cross_attention_maps, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder
+from fastslow.models.pretrained import text_backbone
 from fastslow.scoring import cross_attention_scores, dual_encoder_scores
 from fastslow.stages import Study, Trained, train_or_load_cross_attention
 
@@ -29,7 +30,8 @@ def headline_slow_scores(cfg: StudyConfig, data: Study, slow: Trained) -> torch.
     Cached: the Slow-only evaluation (notebook 03) and the re-ranking sweep (notebook 05) share them.
     """
     name = f"test-{config_hash(cfg.data)}"
-    return cached_slow_scores(slow, data.visual["test"], data.tokens["test"], data.headline_queries(), cfg.device, name)
+    texts = data.slow_texts("test", slow.model.reads)
+    return cached_slow_scores(slow, data.visual["test"], texts, data.headline_queries(), cfg.device, name)
 
 
 def headline_fast_scores(model: DualEncoder, data: Study, device: str) -> torch.Tensor:
@@ -60,12 +62,12 @@ def cross_attention_variants(
     for name, variant in variants.items():
         trained = train_or_load_cross_attention(cfg, data, **variant)
         gallery = visual_tokens(trained.model, data.visual["test"], cfg.device)
-        tokens = data.tokens["test"][torch.as_tensor(queries)]
+        tokens = data.slow_texts("test", trained.model.reads)[torch.as_tensor(queries)]
         started = time.perf_counter()
         scores = pair_scores(trained.model, gallery, tokens, torch.arange(len(data.test)).expand(len(queries), -1))
         seconds = time.perf_counter() - started
         captions = data.captions("test", queries[:latency_queries])
-        ms = slow_only_query_ms(trained.model, gallery, captions, encode_slow=data.slow_tokens, device=cfg.device)
+        ms = slow_only_query_ms(trained.model, gallery, captions, encode_slow=data.slow_encoder(trained.model.reads), device=cfg.device)
         results[name] = {
             "variant": variant,
             "metrics": metrics.evaluate(scores, data.test, queries),
@@ -82,10 +84,15 @@ def cross_attention_variants(
 
 def attention_example(model: CrossAttentionModel, data: Study, caption: int) -> dict[str, Any]:
     """What :func:`fastslow.plots.attention_maps` draws for test caption ``caption``: its image,
-    the tokens the forward decoder predicts, and the last layer's cross-attention map for each."""
-    tokens = data.tokens["test"][caption]
+    the tokens the forward decoder predicts (words, or MiniLM word pieces), and the last layer's
+    cross-attention map for each."""
+    tokens = data.slow_texts("test", model.reads)[caption]
     image = int(data.test.caption_image[caption])
     maps = cross_attention_maps(model, data.visual["test"][image : image + 1], tokens)[-1]
     predicted = tokens[1 : int(tokens.ne(0).sum())]  # the words, then EOS
-    words = [data.tokenizer.decode([t]) or "<eos>" for t in predicted.tolist()]
+    if model.reads == "word_pieces":
+        tokenizer = text_backbone().tokenizer
+        words = [data.vocabulary.decode([t], tokenizer) or "<eos>" for t in predicted.tolist()]
+    else:
+        words = [data.tokenizer.decode([t]) or "<eos>" for t in predicted.tolist()]
     return {"image": data.test.images[image], "caption": data.test.captions[caption], "words": words, "maps": maps.numpy()}

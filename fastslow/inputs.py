@@ -103,7 +103,14 @@ def frames_per_item(images: np.ndarray | torch.Tensor | FeatureImages) -> int:
     return images.shape[1] if getattr(images, "ndim", 4) == 5 else 1
 
 
+def real_tokens(texts: torch.Tensor) -> torch.Tensor:
+    """``(N, L)`` True at a caption's real tokens. ``texts`` are token ids ``(N, L)`` (padding is
+    ``PAD_ID``) or frozen token states ``(N, L, D)`` (padding is an all-zero state vector: the
+    study zeroes the text model's states at its padding, :meth:`fastslow.stages.Study`)."""
+    return texts.ne(0).any(-1) if texts.is_floating_point() else texts.ne(PAD_ID)
+
+
 def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop the padding columns that every row of a batch shares."""
-    length = int(tokens.ne(PAD_ID).sum(1).max())
+    """Drop the padding columns that every row of a batch shares (token ids or token states)."""
+    length = int(real_tokens(tokens).sum(1).max())
     return tokens[:, :length]

@@ -7,9 +7,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastslow.config import DistillConfig
-from fastslow.inputs import PAD_ID
-from fastslow.models.cross_attention import CrossAttentionModel, itm_negatives, teacher_forcing
+from fastslow.config import CrossAttentionConfig, DistillConfig
+from fastslow.inputs import PAD_ID, FeatureImages
+from fastslow.models.cross_attention import (
+    CrossAttentionModel,
+    itm_negatives,
+    mean_token_log_prob,
+    teacher_forcing,
+)
 
 
 def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
@@ -82,11 +87,47 @@ def itm_bce(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, matches.float())
 
 
-def cross_attention_loss(twin: np.ndarray):
+def look_alike_loss(
+    model: CrossAttentionModel,
+    tokens: torch.Tensor,
+    own_scores: torch.Tensor,
+    negative_images: torch.Tensor | FeatureImages,
+) -> torch.Tensor:
+    """Listwise cross-entropy of each caption's captioning score under its own image against its
+    scores under M look-alike images: ``-log softmax([s(t, v), s(t, v_1), .., s(t, v_M)])[0]``.
+
+    Likelihood alone rewards a caption wherever it is plausible; this term asks that it be more
+    likely under its own image than under images a Fast model finds similar (ALBEF's and BLIP's
+    hard negatives). ``own_scores``: ``(B,)`` :meth:`CrossAttentionModel.score_pairs` scores of the
+    matched pairs; ``negative_images``: B x M images as the image tower reads them, row-major
+    (caption b's look-alikes are rows b*M .. b*M+M-1), encoded and projected to keys and values
+    once each.
+    """
+    pairs = len(tokens)
+    if len(negative_images) % pairs:
+        raise ValueError(f"{len(negative_images)} look-alikes for {pairs} captions: not M each")
+    per_caption = len(negative_images) // pairs
+    # On their own through the image tower: a trained tower's batch norm then normalises the
+    # positives exactly as it would without look-alikes.
+    keys_values = model.visual_keys_values(model.encode_images(negative_images))
+    images = torch.arange(pairs * per_caption, device=tokens.device)
+    captions = torch.arange(pairs, device=tokens.device).repeat_interleave(per_caption)
+    negative_scores = model.score_pairs(tokens, keys_values, images, captions[:, None])
+    scores = torch.cat([own_scores[:, None], negative_scores.view(pairs, per_caption)], dim=1)
+    return F.cross_entropy(scores, torch.zeros(pairs, dtype=torch.long, device=tokens.device))
+
+
+def cross_attention_loss(
+    twin: np.ndarray, negative_weight: float = CrossAttentionConfig.negative_weight
+):
     """The training loss of a Slow model, by its objective: captioning likelihood of the matched
     pairs (token-averaged, summed over the decoders' directions), or ITM's binary cross-entropy
     over each matched pair, its hard negative and a random one
     (:func:`~fastslow.models.cross_attention.itm_negatives`; ``twin`` of the training split).
+
+    A captioning batch that carries ``negative_images`` (mined look-alikes) adds
+    ``negative_weight`` (:attr:`CrossAttentionConfig.negative_weight`) x :func:`look_alike_loss`,
+    logged as ``look_alike``; its pairs' own scores come from the likelihood's forward pass.
     """
 
     def loss_fn(model: CrossAttentionModel, batch: dict[str, torch.Tensor], progress: float):
@@ -99,12 +140,24 @@ def cross_attention_loss(twin: np.ndarray):
             matches = torch.zeros_like(logits)
             matches[:, 0] = 1.0
             return itm_bce(logits, matches)
+        negative_images = batch.get("negative_images")
         losses = {}
+        own_scores = torch.zeros(len(tokens), device=tokens.device)
         for direction in model.directions:
             inputs, targets = teacher_forcing(tokens, direction)
             states, _ = model.decoder_states(direction, inputs, keys_values[direction])
-            losses[direction] = captioning_nll(model.decoders[direction].head(states), targets[:, None])
-        return sum(losses.values()), {f"nll_{d}": v.item() for d, v in losses.items()}
+            logits = model.decoders[direction].head(states)
+            losses[direction] = captioning_nll(logits, targets[:, None])
+            if negative_images is not None:  # the score_pairs score of each matched pair
+                own_scores = own_scores + mean_token_log_prob(logits, targets[:, None])[:, 0]
+        extras = {f"nll_{d}": v.item() for d, v in losses.items()}
+        loss = sum(losses.values())
+        if negative_images is not None:
+            # Computed at weight 0 too: a control run then logs the same curve as a weighted one.
+            look_alike = look_alike_loss(model, tokens, own_scores, negative_images)
+            loss = loss + negative_weight * look_alike
+            extras["look_alike"] = look_alike.item()
+        return loss, extras
 
     return loss_fn
 
@@ -135,3 +188,39 @@ def distillation_loss(
     kl = 0.5 * (directions[0] + directions[1])
     extras["kl"] = kl.item()
     return config.dcd_alpha * contrastive + (1 - config.dcd_alpha) * kl, extras
+
+
+def listwise_matching_loss(in_batch_negatives: int):
+    """The matching Slow model's loss (:class:`~fastslow.models.matching.MatchingModel`): listwise
+    cross-entropy in both directions over mined negatives (:class:`fastslow.negatives.NegativeBatches`)
+    and ``in_batch_negatives`` random ones.
+
+    Text-to-image: each caption's logit for its own image against its M mined negative images and
+    the images of the next ``in_batch_negatives`` pairs of the batch (random images: the batch
+    order is shuffled); image-to-text: each image's logit for its caption against its M mined
+    captions and the next pairs' captions. Softmaxed over the candidates, as a ranking is decided
+    among candidates, not one pair at a time. Random negatives keep the easy cases learnt: mined
+    ones alone left the loss at its starting value (log of the candidates) for 250 steps.
+    """
+
+    def loss_fn(model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        pairs = len(batch["tokens"])
+        mined = len(batch["negative_tokens"]) // pairs
+        texts = batch["all_tokens"]
+        device = texts.device
+        keys_values = model.visual_keys_values(model.encode_images(batch["all_images"]))
+        index = torch.arange(pairs, device=device)[:, None]
+        shifts = torch.arange(1, min(in_batch_negatives, pairs - 1) + 1, device=device)
+        candidates = torch.cat(
+            [index, pairs + index * mined + torch.arange(mined, device=device), (index + shifts) % pairs],
+            dim=1,
+        )
+        repeated = index.expand_as(candidates).reshape(-1)
+        text_to_image = model.score_pairs(texts, keys_values, candidates.reshape(-1), repeated[:, None])
+        image_to_text = model.score_pairs(texts, keys_values, repeated, candidates.reshape(-1, 1))
+        targets = torch.zeros(pairs, dtype=torch.long, device=device)
+        t2i = F.cross_entropy(text_to_image.view(pairs, -1), targets)
+        i2t = F.cross_entropy(image_to_text.view(pairs, -1), targets)
+        return 0.5 * (t2i + i2t), {"t2i": t2i.item(), "i2t": i2t.item()}
+
+    return loss_fn

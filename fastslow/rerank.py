@@ -116,7 +116,7 @@ class Searcher:
         """The top ``k`` images before (Fast) and after (Fast+Slow) re-ranking the Fast top ``rerank_k``."""
         if not query.strip():
             raise ValueError("the query is empty: type a caption to search for")
-        tokens = self.data.slow_tokens([query]).to(self.device)
+        tokens = self.data.slow_encoder(self.slow_model.reads)([query]).to(self.device)
         texts = self.data.fast_texts([query]).to(self.device)
         fast_top, ids = self.index.search(self.fast_model.encode_texts(texts).cpu(), rerank_k)
         slow_top = pair_scores(self.slow_model, self.visual_tokens, tokens, torch.as_tensor(ids))
@@ -178,7 +178,8 @@ def validation_reranker(cfg: StudyConfig, data: Study, fast: Trained, slow: Trai
     queries = headline_queries(val, 1)[: cfg.rerank.validation_queries]
     fast_scores = dual_encoder_scores(fast.model, data.visual["val"], data.texts["val"], cfg.device)[queries]
     name = f"val-{config_hash(cfg.data)}"
-    slow_scores = cached_slow_scores(slow, data.visual["val"], data.tokens["val"], queries, cfg.device, name)
+    texts = data.slow_texts("val", slow.model.reads)
+    slow_scores = cached_slow_scores(slow, data.visual["val"], texts, queries, cfg.device, name)
     return RerankValidation(val, queries, slow_scores, Reranker(fast_scores, lookup_scorer(slow_scores), len(val)))
 
 
@@ -242,11 +243,11 @@ def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trai
     index = fast_index(fast, gallery.images, cfg.device)
     visual = visual_tokens(slow.model, gallery.images, cfg.device)
     captions = [gallery.captions[q] for q in queries[: cfg.rerank.latency_queries]]
-    slow_ms = slow_only_query_ms(slow.model, visual, captions, encode_slow=data.slow_tokens, device=cfg.device)
+    slow_ms = slow_only_query_ms(slow.model, visual, captions, encode_slow=data.slow_encoder(slow.model.reads), device=cfg.device)
     measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),
                  "ms_per_query": slow_ms}]
     for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks[:-1], alpha).items():
         ms = fast_slow_query_ms(fast.model, index, slow.model, visual, captions, encode_fast=data.fast_texts,
-                                encode_slow=data.slow_tokens, k=k, device=cfg.device)
+                                encode_slow=data.slow_encoder(slow.model.reads), k=k, device=cfg.device)
         measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": ms})
     return measured

@@ -9,6 +9,7 @@ after its predecessors reuses their artifacts. Every stage trains through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,14 +23,22 @@ from tqdm.auto import tqdm
 from fastslow import distill, metrics
 from fastslow.batches import PairBatches, headline_queries
 from fastslow.cache import artifact_path, load_or_build
-from fastslow.config import TOWER_INITS, StudyConfig, config_hash
+from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, WordTokenizer, load_dataset
+from fastslow.data.text import SpecialPieces, WordPieceVocabulary
 from fastslow.features import extract_features
 from fastslow.inputs import MAX_CAPTION_TOKENS, FeatureImages
-from fastslow.losses import cross_attention_loss, distillation_loss, symmetric_info_nce
+from fastslow.losses import (
+    cross_attention_loss,
+    distillation_loss,
+    listwise_matching_loss,
+    symmetric_info_nce,
+)
 from fastslow.models.cross_attention import CrossAttentionModel, keep_twins_together
 from fastslow.models.dual_encoder import DualEncoder
-from fastslow.models.pretrained import text_backbone
+from fastslow.models.matching import MatchingModel
+from fastslow.models.pretrained import minilm_word_table, text_backbone
+from fastslow.negatives import NegativeBatches, NegativePools, mine_pools
 from fastslow.scoring import cross_attention_scores, dual_encoder_scores
 from fastslow.train import fit
 
@@ -44,6 +53,9 @@ class Study:
     themselves (``tiny`` backbone) or their frozen EfficientNet-Lite0 features (``pretrained``).
     ``texts``: what the dual encoder's text side reads per caption: the word ids (``tiny``) or the
     frozen MiniLM sentence embeddings (``pretrained``).
+    With ``pretrained``, also what its Slow models read (:meth:`slow_texts`): ``token_states``,
+    MiniLM's ``(N, L, 384)`` token states, zero at padding (the matching model), and
+    ``word_pieces``, MiniLM's word pieces as compact ids of ``vocabulary`` (the caption decoders).
     """
 
     config: StudyConfig
@@ -52,6 +64,9 @@ class Study:
     tokens: dict[str, torch.Tensor]
     visual: dict[str, np.ndarray | FeatureImages]
     texts: dict[str, torch.Tensor]
+    token_states: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    word_pieces: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    vocabulary: WordPieceVocabulary | None = None
 
     @property
     def test(self) -> CaptionedImages:
@@ -68,9 +83,25 @@ class Study:
             return text_backbone()(captions, MAX_CAPTION_TOKENS).pooled
         return self.tokenizer.encode(captions, max_len=self.config.dual.encoder.max_caption_tokens)
 
-    def slow_tokens(self, captions: list[str]) -> torch.Tensor:
-        """New captions as the Slow model's caption decoders read them: word ids."""
-        return self.tokenizer.encode(captions, max_len=self.config.cross.encoder.max_caption_tokens)
+    def slow_texts(self, split: str, reads: str) -> torch.Tensor:
+        """Every caption of ``split`` as a Slow model reads it (its ``reads``): ``words`` (word
+        ids), ``word_pieces`` (MiniLM's, compact ids) or ``token_states`` (MiniLM's)."""
+        by_kind = {"words": self.tokens, "word_pieces": self.word_pieces, "token_states": self.token_states}
+        return by_kind[reads][split]
+
+    def slow_encoder(self, reads: str) -> Callable[[list[str]], torch.Tensor]:
+        """What turns new captions (a search box's query) into what a Slow model reads."""
+        if reads == "words":
+            max_len = self.config.cross.encoder.max_caption_tokens
+            return lambda captions: self.tokenizer.encode(captions, max_len=max_len)
+
+        def encode(captions: list[str]) -> torch.Tensor:
+            features = text_backbone()(captions, MAX_CAPTION_TOKENS)
+            if reads == "word_pieces":
+                return self.vocabulary.encode(features.ids)
+            return zero_padding(features.states.float(), features.mask)
+
+        return encode
 
     def captions(self, split: str, queries: np.ndarray) -> list[str]:
         """The text of captions ``queries`` of ``split``: what a timed query types."""
@@ -90,10 +121,19 @@ def load_study(cfg: StudyConfig) -> Study:
         # than the heads' own work.
         visual = {name: FeatureImages(f.maps, f.pooled).to("cpu") for name, f in features.items()}
         texts = {name: f.caption_pooled for name, f in features.items()}
-    else:
-        visual = {name: split.images for name, split in splits.items()}
-        texts = tokens
-    return Study(cfg, splits, tokenizer, tokens, visual, texts)
+        states = {name: zero_padding(f.caption_states.float(), f.caption_mask) for name, f in features.items()}
+        special = SpecialPieces.of(text_backbone().tokenizer)
+        vocabulary = WordPieceVocabulary.fit(features["train"].caption_ids, special)
+        pieces = {name: vocabulary.encode(f.caption_ids) for name, f in features.items()}
+        return Study(cfg, splits, tokenizer, tokens, visual, texts, states, pieces, vocabulary)
+    visual = {name: split.images for name, split in splits.items()}
+    return Study(cfg, splits, tokenizer, tokens, visual, tokens)
+
+
+def zero_padding(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token states with the padding positions zeroed: how the Slow models tell padding apart
+    (:func:`fastslow.inputs.real_tokens`), and what makes a score independent of it."""
+    return states * mask[..., None].to(states.dtype)
 
 
 @dataclass
@@ -207,16 +247,17 @@ def train_or_load_dual_encoder(cfg: StudyConfig, data: Study | None = None) -> T
 
 def cross_attention_key(cfg: StudyConfig, **variant) -> dict[str, Any]:
     """What a Slow model depends on; ``variant`` overrides fields of ``cfg.cross``
-    (``upsample_steps``, ``objective``), so each ablation variant has its own cache entry. A tower
-    started from the dual encoder's adds the dual encoder's own key."""
+    (``upsample_steps``, ``objective``), so each ablation variant has its own cache entry. A model
+    that starts from the dual encoder, or learns from negatives it mined (``pretrained``), adds
+    the dual encoder's own key."""
     model = dataclasses.replace(cfg.cross, **variant)
     key = {"data": cfg.data, "model": model, "train": cfg.train_cross, "seed": cfg.seed}
-    if model.tower_init == "dual_encoder":
+    if model.tower_init == "dual_encoder" or model.encoder.backbone == "pretrained":
         key["tower"] = dual_encoder_key(cfg)
     return key
 
 
-def cross_attention_validation(data: Study, device: str, n_images: int) -> Callable[[CrossAttentionModel], float]:
+def cross_attention_validation(data: Study, device: str, n_images: int) -> Callable[[nn.Module], float]:
     """Validation RSUM of a Slow model on the first caption of the first ``n_images`` validation
     images against those images (the Slow model scores every pair, so the whole split would cost
     more than an epoch of training)."""
@@ -225,38 +266,74 @@ def cross_attention_validation(data: Study, device: str, n_images: int) -> Calla
     queries = headline_queries(val, 1)[:n_images]
     gallery = data.visual["val"][:n_images]
 
-    def validation_rsum(model: CrossAttentionModel) -> float:
-        scores = cross_attention_scores(model, gallery, data.tokens["val"], device, queries)
+    def validation_rsum(model: nn.Module) -> float:
+        texts = data.slow_texts("val", model.reads)
+        scores = cross_attention_scores(model, gallery, texts, device, queries)
         return metrics.rsum(metrics.retrieval_metrics(scores, val.caption_image[queries]))
 
     return validation_rsum
 
 
+def build_slow_model(cfg: StudyConfig, data: Study, model_config, fast: Trained | None) -> nn.Module:
+    """A Slow model for ``model_config``: on the ``pretrained`` backbone the matching model
+    (``itm``) or caption decoders on MiniLM's word pieces; on ``tiny`` caption decoders on the
+    study's words. With ``tower_init="dual_encoder"`` it starts from the Fast model ``fast``: its
+    image tower (``tiny``), or its heads as the matching model's global term."""
+    from_fast = model_config.tower_init == "dual_encoder"
+    if model_config.encoder.backbone == "pretrained" and model_config.objective == "itm":
+        width = data.token_states["train"].shape[-1]
+        model = MatchingModel(model_config, cfg.dual, cfg.data.image_size, width)
+        if from_fast:
+            model.load_fast_heads(fast.model)
+        return model
+    frames = data.splits["train"].frames
+    if model_config.encoder.backbone == "pretrained":
+        table = minilm_word_table(data.vocabulary.minilm_ids)
+        return CrossAttentionModel(len(table), model_config, cfg.data.image_size, frames, word_table=table)
+    model = CrossAttentionModel(data.tokenizer.vocab_size, model_config, cfg.data.image_size, frames)
+    if from_fast:
+        model.image_tower.load_state_dict(fast.model.image_tower.state_dict())
+    return model
+
+
 def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, **variant) -> Trained:
     """The Slow model (``cfg.cross`` with ``variant`` overrides: ``upsample_steps``, ``objective``,
-    ``tower_init``), trained by ``cfg.train_cross`` and early-stopped on validation RSUM. With
-    ``tower_init="dual_encoder"`` its image tower starts from the Fast model's
-    (:func:`train_or_load_dual_encoder`: loaded from the cache, or trained first)."""
+    ``tower_init``; built by :func:`build_slow_model`), trained by ``cfg.train_cross`` and
+    early-stopped on validation RSUM.
+
+    On ``pretrained`` it learns from negatives mined with the Fast model
+    (:mod:`fastslow.negatives`): the matching model by listwise cross-entropy in both directions,
+    caption decoders by their likelihood plus the look-alike term. The Fast model
+    (:func:`train_or_load_dual_encoder`) is loaded from the cache, or trained first."""
     data = data or load_study(cfg)
     model_config = dataclasses.replace(cfg.cross, **variant)
     if model_config.tower_init not in TOWER_INITS:
         raise ValueError(f"unknown tower_init {model_config.tower_init!r}; choose one of {', '.join(TOWER_INITS)}")
     if model_config.tower_init == "dual_encoder" and model_config.encoder != cfg.dual.encoder:
         raise ValueError("tower_init='dual_encoder' needs the same encoder config for both models")
-    if model_config.tower_init == "scratch" and not model_config.train_tower:
+    pretrained = model_config.encoder.backbone == "pretrained"
+    if model_config.tower_init == "scratch" and not model_config.train_tower and not pretrained:
         raise ValueError("a tower trained from scratch must have train_tower=True")
-    tower = None
-    if model_config.tower_init == "dual_encoder":
-        tower = train_or_load_dual_encoder(cfg, data).model.image_tower.state_dict()
+    fast = None
+    if model_config.tower_init == "dual_encoder" or pretrained:
+        fast = train_or_load_dual_encoder(cfg, data)
     train = data.splits["train"]
+    make_model = functools.partial(build_slow_model, cfg, data, model_config, fast)
+    matching = pretrained and model_config.objective == "itm"
+    reads = MatchingModel.reads if matching else ("word_pieces" if pretrained else "words")
 
-    def make_model() -> CrossAttentionModel:
-        model = CrossAttentionModel(data.tokenizer.vocab_size, model_config, cfg.data.image_size, train.frames)
-        if tower is not None:
-            model.image_tower.load_state_dict(tower)
-        return model
+    @functools.cache
+    def pools() -> NegativePools:
+        scores = dual_encoder_scores(fast.model, data.visual["train"], data.texts["train"], cfg.device)
+        return mine_pools(scores, train, model_config.negatives_pool)
 
-    def epoch_batches(epoch: int) -> PairBatches:
+    def epoch_batches(epoch: int) -> PairBatches | NegativeBatches:
+        if pretrained:
+            return NegativeBatches(
+                train, data.slow_texts("train", reads), data.visual["train"], pools(),
+                hard=model_config.hard_negatives, batch_size=cfg.train_cross.batch_size,
+                seed=cfg.seed, epoch=epoch,
+            )
         batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, data.visual["train"])
         if model_config.objective == "itm":  # twins share batches, so each can be the other's negative
             batches.order = keep_twins_together(batches.order, train.twin)
@@ -266,13 +343,38 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
         "cross_attention",
         cross_attention_key(cfg, **variant),
         make_model,
-        loss_fn=cross_attention_loss(train.twin),
+        loss_fn=(
+            listwise_matching_loss(model_config.random_negatives)
+            if matching
+            else cross_attention_loss(train.twin, model_config.negative_weight)
+        ),
         epoch_batches=epoch_batches,
         validate=cross_attention_validation(data, cfg.device, model_config.validation_images),
         train_config=cfg.train_cross,
         seed=cfg.seed,
         device=cfg.device,
     )
+
+
+def slow_candidates(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
+    """The Slow models the study chooses among on validation, by name: ``variant`` overrides of
+    ``cfg.cross`` (:func:`train_or_load_cross_attention`), one per training objective, on the
+    same budget (and on ``pretrained`` the same mined negatives): notebook 03's objective
+    ablation."""
+    return {f"objective={objective}": {"objective": objective} for objective in OBJECTIVES}
+
+
+def best_slow_model(cfg: StudyConfig, data: Study) -> tuple[str, Trained]:
+    """The candidate of :func:`slow_candidates` with the best validation RSUM (each trained or
+    loaded), and its name: the Slow model the study uses downstream (re-ranking, teacher)."""
+    trained = {name: train_or_load_cross_attention(cfg, data, **variant) for name, variant in slow_candidates(cfg).items()}
+    best = max(trained, key=lambda name: best_validation_score(trained[name]))
+    return best, trained[best]
+
+
+def best_validation_score(trained: Trained) -> float:
+    """The best validation score of a training run (what early stopping kept)."""
+    return max(epoch["val_score"] for epoch in trained.history["epochs"])
 
 
 # --- students: the Fast model distilled from the Slow one ---------------------------------------

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastslow"
 LAYERS = (
     ("foundation", ("config", "cache")),
     ("data", ("data",)),
-    ("inputs", ("inputs", "batches", "metrics", "intervals", "index")),
+    ("inputs", ("inputs", "batches", "negatives", "metrics", "intervals", "index")),
     ("models", ("models", "losses")),
     ("training", ("train", "features", "distill", "scoring")),
     ("stages", ("stages",)),

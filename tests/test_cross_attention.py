@@ -25,7 +25,7 @@ from fastslow.models.cross_attention import (
     teacher_forcing,
     visual_tokens,
 )
-from fastslow.inputs import images_to_tensor
+from fastslow.inputs import model_input
 from fastslow.models.encoders import ConvTower
 
 IMAGE_SIZE = 32
@@ -72,9 +72,10 @@ def test_reverse_captions_keeps_bos_eos_and_padding():
     assert reverse_captions(tokens).tolist() == [[1, 7, 6, 5, 2, 0], [1, 8, 2, 0, 0, 0]]
 
 
-def token_log_probs(model: CrossAttentionModel, images: np.ndarray, tokens: torch.Tensor, direction: str) -> torch.Tensor:
-    """Log-probability of every predicted token, ``(B, L - 1)``, in the decoder's reading order."""
-    keys_values = model.visual_keys_values(model.encode_images(images_to_tensor(images)))[direction]
+def token_log_probs(model: CrossAttentionModel, images, tokens: torch.Tensor, direction: str) -> torch.Tensor:
+    """Log-probability of every predicted token, ``(B, L - 1)``, in the decoder's reading order, of
+    uint8 ``images`` or frozen features."""
+    keys_values = model.visual_keys_values(model.encode_images(model_input(images)))[direction]
     inputs, targets = teacher_forcing(tokens, direction)
     states, _ = model.decoder_states(direction, inputs, keys_values)
     log_probs = model.decoders[direction].head(states[:, 0]).log_softmax(-1)

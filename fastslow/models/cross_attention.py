@@ -11,6 +11,12 @@ batch); each frame's grid cells get the same 2-D positions plus a learned embedd
 time, and the clip's visual tokens are all T x h x w of them: caption words attend over space and
 time at once, and everything after the visual tokens is the same code for images and clips.
 
+Words: on the generated data the decoders learn their words from scratch. On real photographs a
+few thousand captions are too few to learn English from, so the decoders stand on MiniLM's word
+pieces instead (:class:`~fastslow.data.text.WordPieceVocabulary`: the pieces that occur in the
+training captions): each decoder starts its own copy of their input embeddings from MiniLM's and
+reads it at both ends, to embed a token and to predict the next one (:class:`TiedWordPieces`).
+
 The score of a pair, higher = better match, depends on the training objective:
 
 * ``bidirectional``: mean per-token log-probability of the caption under the forward
@@ -41,14 +47,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastslow.config import OBJECTIVES, CrossAttentionConfig
-from fastslow.inputs import PAD_ID, FeatureImages, frames_per_item, model_input, trim_padding
+from fastslow.inputs import (
+    MAX_CAPTION_TOKENS,
+    PAD_ID,
+    FeatureImages,
+    frames_per_item,
+    model_input,
+    real_tokens,
+    trim_padding,
+)
 from fastslow.models.encoders import build_image_tower
 
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per decoder layer
 POSITION_INIT_STD = 0.1
 
 
-def _map_side(image_size: int, stride: int) -> int:
+def map_side(image_size: int, stride: int) -> int:
     """Side of a feature map after ``log2(stride)`` convolutions of stride 2 (kernel 3, padding 1)."""
     side = image_size
     for _ in range(int(math.log2(stride))):
@@ -86,12 +100,19 @@ class ProgressiveUpsampler(nn.Module):
         return x
 
 
-def _cross_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``(1 or G, heads, M, d)`` queries to ``(G, heads, T, d)`` keys and values.
+def _cross_attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, need_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``(1 or G, heads, M, d)`` queries to ``(G, heads, T, d)`` keys and values, and
+    the ``(G, heads, M, T)`` weights when ``need_weights`` (else None).
 
-    Written out rather than the fused kernel: the CPU kernel is slow for these short, narrow heads,
-    and a query shared by all G images (one caption against many) broadcasts here.
+    Without weights, the fused kernel on the query broadcast to the G images: the weights of every
+    pair are the bulk of a Slow model's memory traffic, and the fused kernel never stores them
+    (half the time of the written-out form at 45 images x 720 query tokens x 197 visual tokens).
     """
+    if not need_weights:
+        expanded = query.expand(len(keys), *query.shape[1:])
+        return F.scaled_dot_product_attention(expanded, keys, values), None
     weights = (query @ keys.transpose(-2, -1) * query.shape[-1] ** -0.5).softmax(-1)
     return weights @ values, weights
 
@@ -146,35 +167,92 @@ class DecoderLayer(nn.Module):
         return self._split(keys), self._split(values)
 
     def attend_image(
-        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention of ``(1 or G, n, L, W)`` caption states to G images' keys and values,
-        then the feed-forward block. Returns ``(G, n, L, W)`` states and the
-        ``(G, heads, n * L, T)`` attention weights."""
+        then the feed-forward block. Returns ``(G, n, L, W)`` states and, if ``need_weights``,
+        the ``(G, heads, n * L, T)`` attention weights (else None)."""
         groups, captions, length, width = x.shape
         query = self._split(self.cross_query(self.cross_norm(x)).view(groups, captions * length, width))
-        attended, weights = _cross_attend(query, *keys_values)
+        attended, weights = _cross_attend(query, *keys_values, need_weights)
         x = x + self.cross_out(self._merge(attended)).view(len(attended), captions, length, width)
         return x + self.ffn(self.ffn_norm(x)), weights
 
 
-class CaptionDecoder(nn.Module):
-    """Token and position embeddings, decoder layers, and a next-token head."""
+class TiedWordPieces(nn.Module):
+    """A caption decoder's own trainable copy of a pretrained ``(V, D)`` word-piece table, read at
+    both ends (the output layer tied to the input table, as in BERT and GPT-2): a token enters as
+    ``Linear(D -> width)(table[id])``, and the next token's logits are
+    ``Linear(width -> D)(h) @ table.T + bias``.
 
-    def __init__(self, vocab_size: int, config: CrossAttentionConfig):
+    The logits are computed as ``h @ (table @ W_out).T + bias`` (the same product, associated the
+    other way): a token then costs V x width multiply-adds instead of V x D (D = 384 against a
+    width of 64). Scoring (evaluation mode without gradients) computes ``table @ W_out`` once and
+    reuses it until the weights change; training recomputes it every call, so the gradient reaches
+    the table through both ends.
+    """
+
+    def __init__(self, word_table: torch.Tensor, width: int):
+        super().__init__()
+        vocab_size, table_width = word_table.shape
+        self.table = nn.Parameter(word_table.detach().clone().float())
+        self.input_projection = nn.Linear(table_width, width)
+        # No bias: the per-piece bias covers what it would add (table @ its bias, one per piece).
+        self.output_projection = nn.Linear(width, table_width, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self._scoring_weight: tuple[tuple, torch.Tensor] | None = None  # (weights' stamp, product)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(..., L)`` ids to ``(..., L, width)`` token embeddings."""
+        return self.input_projection(self.table[ids])
+
+    def output_weight(self) -> torch.Tensor:
+        """``(V, width)`` ``table @ W_out``, the weight of the logits' linear map."""
+        weight = self.output_projection.weight
+        if self.training or torch.is_grad_enabled():
+            return self.table @ weight
+        stamp = (self.table.data_ptr(), self.table._version, weight.data_ptr(), weight._version)
+        if self._scoring_weight is None or self._scoring_weight[0] != stamp:
+            self._scoring_weight = (stamp, self.table @ weight)
+        return self._scoring_weight[1]
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """``(..., width)`` decoder states to ``(..., V)`` next-token logits."""
+        return F.linear(states, self.output_weight(), self.bias)
+
+
+class CaptionDecoder(nn.Module):
+    """Token and position embeddings, decoder layers, and a next-token head.
+
+    With a ``word_table`` (``(V, D)`` rows of a pretrained text model's word-embedding table, one
+    per vocabulary id) the tokens are embedded and predicted through the decoder's own copy of it
+    (:class:`TiedWordPieces`, its ``head``); without one, a token embedding learned from scratch
+    and a linear head.
+    """
+
+    def __init__(
+        self, vocab_size: int, config: CrossAttentionConfig, word_table: torch.Tensor | None = None
+    ):
         super().__init__()
         width = config.width
-        # Tokens and positions start at the same small scale (as in GPT-2), so word order counts
-        # from the first step (torch's default N(0, 1) tokens would dwarf the positions).
-        self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=PAD_ID)
-        self.position_embedding = nn.Parameter(torch.zeros(config.encoder.max_caption_tokens, width))
-        for weight in (self.token_embedding.weight, self.position_embedding):
-            nn.init.normal_(weight, std=0.02)
-        with torch.no_grad():
-            self.token_embedding.weight[PAD_ID].zero_()
+        # MiniLM's word pieces come as the features cached them (up to MAX_CAPTION_TOKENS).
+        length = config.encoder.max_caption_tokens if word_table is None else MAX_CAPTION_TOKENS
+        self.position_embedding = nn.Parameter(torch.zeros(length, width))
+        if word_table is None:
+            # Tokens and positions start at the same small scale (as in GPT-2), so word order
+            # counts from the first step (torch's default N(0, 1) tokens would dwarf the positions).
+            self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=PAD_ID)
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.token_embedding.weight[PAD_ID].zero_()
+        # Projected MiniLM word pieces start at about 0.03: the same scale.
+        nn.init.normal_(self.position_embedding, std=0.02)
         self.layers = nn.ModuleList(DecoderLayer(width, config.heads, config.ffn_ratio) for _ in range(config.layers))
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
+        if word_table is None:
+            self.head = nn.Linear(width, vocab_size)
+        else:
+            self.head = TiedWordPieces(word_table, width)
 
     def visual_keys_values(self, visual: torch.Tensor) -> KeysValues:
         return [layer.visual_keys_values(visual) for layer in self.layers]
@@ -182,16 +260,22 @@ class CaptionDecoder(nn.Module):
     def caption_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """The image-independent start, ``(B, L)`` ids to ``(B, L, W)``: embeddings and the first
         layer's self-attention."""
-        x = self.token_embedding(inputs) + self.position_embedding[: inputs.shape[1]]
-        return self.layers[0].self_attention(x)
+        if isinstance(self.head, TiedWordPieces):
+            tokens = self.head.embed(inputs)
+        else:
+            tokens = self.token_embedding(inputs)
+        return self.layers[0].self_attention(tokens + self.position_embedding[: inputs.shape[1]])
 
-    def decode(self, states: torch.Tensor, keys_values: KeysValues) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def decode(
+        self, states: torch.Tensor, keys_values: KeysValues, need_weights: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The image-dependent rest, from ``(1 or G, n, L, W)`` :meth:`caption_states`; returns the
-        final (normalised) ``(G, n, L, W)`` states and each layer's cross-attention weights."""
-        x, weights = self.layers[0].attend_image(states, keys_values[0])
+        final (normalised) ``(G, n, L, W)`` states and each layer's cross-attention weights (None
+        unless ``need_weights``)."""
+        x, weights = self.layers[0].attend_image(states, keys_values[0], need_weights)
         all_weights = [weights]
         for layer, layer_keys_values in zip(self.layers[1:], keys_values[1:]):
-            x, weights = layer.attend_image(layer.self_attention(x), layer_keys_values)
+            x, weights = layer.attend_image(layer.self_attention(x), layer_keys_values, need_weights)
             all_weights.append(weights)
         return self.norm(x), all_weights
 
@@ -223,17 +307,31 @@ class CrossAttentionModel(nn.Module):
     """Image tower, progressive upsampler, visual tokens, and one caption decoder per reading
     direction (two for ``bidirectional``, the forward one otherwise), plus a match head for ``itm``."""
 
-    def __init__(self, vocab_size: int, config: CrossAttentionConfig, image_size: int, frames: int = 1):
-        """``frames``: frames per clip the time embedding is built for (1 for images: none)."""
+    def __init__(
+        self,
+        vocab_size: int,
+        config: CrossAttentionConfig,
+        image_size: int,
+        frames: int = 1,
+        word_table: torch.Tensor | None = None,
+    ):
+        """``frames``: frames per clip the time embedding is built for (1 for images: none).
+        ``word_table``: ``(vocab_size, D)`` pretrained word-piece rows the decoders start from
+        (:class:`TiedWordPieces`; :func:`fastslow.models.pretrained.minilm_word_table`), or None
+        for decoders that learn their words from scratch."""
         super().__init__()
+        if word_table is not None and (word_table.ndim != 2 or len(word_table) != vocab_size):
+            raise ValueError(f"word_table must be ({vocab_size}, D), got {tuple(word_table.shape)}")
         if config.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {config.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.objective = config.objective
+        # What the captions are, as :class:`fastslow.stages.Study` provides them to a Slow model.
+        self.reads = "words" if word_table is None else "word_pieces"
         self.image_tower = build_image_tower(config.encoder)
         self.train_tower = config.train_tower
         self.image_tower.requires_grad_(config.train_tower)
         self.upsampler = ProgressiveUpsampler(self.image_tower.out_channels, config.width, config.upsample_steps)
-        side = _map_side(image_size, self.image_tower.strides[-1 - config.upsample_steps])
+        side = map_side(image_size, self.image_tower.strides[-1 - config.upsample_steps])
         self.grid_shape = (side, side)
         # Positions at about the scale of the grid's features (0.1-0.4 at initialisation), so where
         # things are is visible from the first step.
@@ -244,7 +342,9 @@ class CrossAttentionModel(nn.Module):
         self.visual_projection = nn.Linear(config.width, config.width)
         self.visual_norm = nn.LayerNorm(config.width)
         self.directions = ("left_to_right", "right_to_left") if config.objective == "bidirectional" else ("left_to_right",)
-        self.decoders = nn.ModuleDict({d: CaptionDecoder(vocab_size, config) for d in self.directions})
+        self.decoders = nn.ModuleDict(
+            {d: CaptionDecoder(vocab_size, config, word_table) for d in self.directions}
+        )
         self.match_head = nn.Linear(config.width, 1) if config.objective == "itm" else None
         # Built last and only for clips, so an image model's weights draw the same random numbers as
         # before clips existed. At the scale of the 2-D positions, for the same reason as theirs.
@@ -287,8 +387,10 @@ class CrossAttentionModel(nn.Module):
         keys_values: KeysValues,
         images: torch.Tensor | None = None,
         captions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One decoder's final ``(G, n, L, W)`` states (and cross-attention weights) for caption
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """One decoder's final ``(G, n, L, W)`` states (and cross-attention weights, if
+        ``need_weights``) for caption
         rows ``captions[g]`` of ``inputs`` paired with image ``images[g]`` of ``keys_values``.
 
         ``captions`` is ``(G, n)``, or ``(1, n)`` for the same n captions against every image.
@@ -300,7 +402,7 @@ class CrossAttentionModel(nn.Module):
         states = states[:, None] if captions is None else states[captions]
         if images is not None:
             keys_values = [(keys[images], values[images]) for keys, values in keys_values]
-        return decoder.decode(states, keys_values)
+        return decoder.decode(states, keys_values, need_weights)
 
     def score_pairs(
         self,
@@ -397,7 +499,7 @@ def pair_scores(
     else:
         keys_values = model.visual_keys_values(gallery_tokens[images])
     caption_tokens = caption_tokens.to(device)
-    order = torch.argsort(caption_tokens.ne(PAD_ID).sum(1), stable=True)
+    order = torch.argsort(real_tokens(caption_tokens).sum(1), stable=True)
     scores = torch.empty(n_queries, n_candidates)
     # Blocks about square (each image's keys and values serve many captions), wider for few queries.
     queries_per_batch = min(n_queries, max(1, math.isqrt(batch_pairs), batch_pairs // n_candidates))
@@ -433,7 +535,7 @@ def cross_attention_maps(model: CrossAttentionModel, image: np.ndarray | Feature
     visual = model.encode_images(model_input(image, device))
     inputs, _ = teacher_forcing(tokens, "left_to_right")
     keys_values = model.visual_keys_values(visual)["left_to_right"]
-    _, weights = model.decoder_states("left_to_right", inputs, keys_values)
+    _, weights = model.decoder_states("left_to_right", inputs, keys_values, need_weights=True)
     maps = torch.stack([w[0].mean(0) for w in weights])  # (layers, L, T)
     frames = (frames_per_item(image),) if frames_per_item(image) > 1 else ()
     return maps.view(*maps.shape[:2], *frames, *model.grid_shape).cpu()

@@ -205,3 +205,12 @@ def image_backbone(name: str = EFFICIENTNET_LITE0, image_size: int = 224) -> Eff
 def text_backbone(name: str = MINILM_L6) -> SentenceEncoder:
     """The frozen text encoder ``name`` (loaded once per process)."""
     return SentenceEncoder(name)
+
+
+def minilm_word_table(minilm_ids: torch.Tensor, name: str = MINILM_L6) -> torch.Tensor:
+    """``(V, D)`` rows of the text model's input word-embedding table (``D = 384`` for MiniLM-L6)
+    for ``(V,)`` of its token ids (:attr:`fastslow.data.text.WordPieceVocabulary.minilm_ids`):
+    the ``word_table`` the caption decoders of
+    :class:`~fastslow.models.cross_attention.CrossAttentionModel` start from. A float32 copy."""
+    table = text_backbone(name).model.get_input_embeddings().weight
+    return table[torch.as_tensor(minilm_ids, dtype=torch.long)].detach().float().clone()
