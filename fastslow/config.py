@@ -177,10 +177,9 @@ class PretrainedBudget:
     """What a profile changes for the ``pretrained`` backbone.
 
     The Fast heads on frozen features train in seconds, but on real captions every Slow candidate
-    costs far more per pair than on ``shapes``: the caption decoders' softmax spans some 4,000 word
-    pieces instead of ~50 words (about 0.9 ms per pair on one core), every candidate works on a
-    14x14 grid of 112- and 320-channel features instead of 6x6, and each training step scores
-    mined negatives besides the pairs. These budgets aim to keep the whole quick study on Flickr8k
+    costs far more per pair than on ``shapes``: the caption decoders' softmax spans some 2,000 word
+    pieces instead of ~50 words, every candidate works on a 14x14 grid of 112- and 320-channel
+    features instead of 6x6, and each training step scores mined negatives besides the pairs. These budgets aim to keep the whole quick study on Flickr8k
     (3,500 training images, a 1,000-image dev gallery) within about half an hour on 2 cores:
     ``headline_queries`` caps the headline query set (the first caption of the first images);
     ``cross_ablation`` scores the ablations on fewer queries and leaves out the stride-8 map;
@@ -278,7 +277,7 @@ PROFILES: dict[str, Profile] = {
             train_cross=TrainConfig(epochs=10, batch_size=64),
         ),
         pretrained=PretrainedBudget(
-            train_cross=TrainConfig(epochs=4, batch_size=64, lr=1e-3, patience=2),
+            train_cross=TrainConfig(epochs=3, batch_size=64, lr=1e-3, patience=2),
             # Stride 8 (two steps: 28x28 = 784 visual tokens) costs about four times stride 16 per
             # pair in training and scoring: more than the quick budget holds.
             cross_ablation=CrossAblationConfig(

@@ -123,7 +123,9 @@ def load_study(cfg: StudyConfig) -> Study:
         texts = {name: f.caption_pooled for name, f in features.items()}
         states = {name: zero_padding(f.caption_states.float(), f.caption_mask) for name, f in features.items()}
         special = SpecialPieces.of(text_backbone().tokenizer)
-        vocabulary = WordPieceVocabulary.fit(features["train"].caption_ids, special)
+        # Pieces as rare as the rare words the word tokenizer drops cost softmax width for little:
+        # at 5 uses on Flickr8k, 2,076 of 5,479 pieces cover 97% of the training tokens.
+        vocabulary = WordPieceVocabulary.fit(features["train"].caption_ids, special, encoder.min_word_count)
         pieces = {name: vocabulary.encode(f.caption_ids) for name, f in features.items()}
         return Study(cfg, splits, tokenizer, tokens, visual, texts, states, pieces, vocabulary)
     visual = {name: split.images for name, split in splits.items()}
