@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fastslow import metrics
-from fastslow.rerank import Reranker, k_values, order_to_scores
+from fastslow.rerank import Reranker, choose_rerank_k, k_values, order_to_scores
 
 
 def _scores(seed: int, queries: int = 12, items: int = 30):
@@ -124,3 +124,28 @@ def test_latency_is_timed_on_one_thread_and_the_setting_restored():
     with bench.one_thread():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+class _ValidationByK:
+    """A stand-in for :class:`fastslow.rerank.RerankValidation` whose R@1 is given per K."""
+
+    def __init__(self, r1_by_k: dict[int, float], slow_r1: float, gallery: int):
+        self.split, self.slow_scores, self.reranker = range(gallery), "slow", self
+        self.r1 = {**r1_by_k, "slow": slow_r1}
+
+    def scores(self, k: int, alpha: float):
+        return k
+
+    def t2i(self, scores) -> dict[str, float]:
+        return {"R@1": self.r1[scores]}
+
+
+def test_k_is_the_cheapest_depth_near_the_best_on_validation():
+    ks = [k for k in k_values(30) if k < 30]
+    rising = {k: 40.0 + k / 2 for k in ks}  # K=10 reaches 45.0, K=20 50.0
+    chosen, table = choose_rerank_k(_ValidationByK(rising, slow_r1=50.5, gallery=30), alpha=0.0)
+    assert chosen == 20 and table["K"].tolist() == [*ks, 30]
+    # A Slow model below the Fast one: the best is a shallow re-ranking, not K = 1 (Fast alone).
+    weak = {k: {1: 20.0, 2: 22.5, 5: 23.0}.get(k, 22.0) for k in ks}
+    chosen, _ = choose_rerank_k(_ValidationByK(weak, slow_r1=5.0, gallery=30), alpha=0.0)
+    assert chosen == 2
