@@ -19,7 +19,7 @@ from fastslow.models.cross_attention import CrossAttentionModel, cross_attention
 from fastslow.models.dual_encoder import DualEncoder
 from fastslow.models.pretrained import text_backbone
 from fastslow.scoring import cross_attention_scores, dual_encoder_scores
-from fastslow.stages import Study, Trained, train_or_load_cross_attention
+from fastslow.stages import Study, Trained, best_validation_score, train_or_load_cross_attention
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def cross_attention_variants(
             "visual_tokens": int(gallery.shape[1]),
             "train_seconds": trained.train_seconds,
             "epochs_trained": len(trained.history["epochs"]),
-            "best_validation_rsum": max(e["val_score"] for e in trained.history["epochs"]),
+            "best_validation_rsum": best_validation_score(trained),
         }
     return results
 

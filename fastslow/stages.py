@@ -433,5 +433,5 @@ def best_student(cfg: StudyConfig, data: Study, *, fast: Trained, slow: Trained)
     method word."""
     seed = cfg.distill.seeds[0]
     students = {m: train_or_load_student(cfg, data, m, seed, fast=fast, slow=slow) for m in ("tfs", "dcd")}
-    best = max(students, key=lambda m: max(e["val_score"] for e in students[m].history["epochs"]))
+    best = max(students, key=lambda m: best_validation_score(students[m]))
     return distill.METHOD_NAMES[best], students[best]
