@@ -215,9 +215,12 @@ def listwise_matching_loss(in_batch_negatives: int):
             [index, pairs + index * mined + torch.arange(mined, device=device), (index + shifts) % pairs],
             dim=1,
         )
-        repeated = index.expand_as(candidates).reshape(-1)
-        text_to_image = model.score_pairs(texts, keys_values, candidates.reshape(-1), repeated[:, None])
-        image_to_text = model.score_pairs(texts, keys_values, repeated, candidates.reshape(-1, 1))
+        own = index.expand_as(candidates).reshape(-1)
+        # Both directions in one call: the captions' image-independent part runs once.
+        images = torch.cat([candidates.reshape(-1), own])
+        captions = torch.cat([own, candidates.reshape(-1)])
+        scores = model.score_pairs(texts, keys_values, images, captions[:, None])
+        text_to_image, image_to_text = scores.chunk(2)
         targets = torch.zeros(pairs, dtype=torch.long, device=device)
         t2i = F.cross_entropy(text_to_image.view(pairs, -1), targets)
         i2t = F.cross_entropy(image_to_text.view(pairs, -1), targets)
