@@ -10,7 +10,7 @@ from fastslow.config import CrossAttentionConfig, DualEncoderConfig, EncoderConf
 from fastslow.data.types import CaptionedImages
 from fastslow.inputs import FEATURE_CHANNELS, FeatureImages
 from fastslow.losses import listwise_matching_loss
-from fastslow.models.cross_attention import pair_scores, visual_tokens
+from fastslow.models.cross_attention import gather_keys_values, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder
 from fastslow.models.matching import MatchingModel
 from fastslow.negatives import NegativeBatches, mine_pools, normalised_caption
@@ -163,3 +163,19 @@ def test_matching_model_refuses_one_layer(layers):
         MatchingModel(config, DualEncoderConfig(encoder=PRETRAINED), 16, TEXT_WIDTH)
     with pytest.raises(ValueError, match="backbone='pretrained'"):
         MatchingModel(dataclasses.replace(config, encoder=EncoderConfig(), layers=2), DualEncoderConfig(), 16, 8)
+
+
+def test_gathered_keys_values_have_index_selects_values_and_gradients():
+    # The gradient arrives head-split and non-contiguous, as SDPA's does; repeated rows add up.
+    keys, values = torch.randn(5, 197, 4, 16).transpose(1, 2), torch.randn(5, 4, 197, 16)
+    images = torch.tensor([3, 0, 3, 3, 1])
+    grad = torch.randn(len(images), 197, 4, 16).transpose(1, 2)
+    gradients = []
+    for gather in (gather_keys_values, lambda kv, i: [(k.index_select(0, i), v.index_select(0, i)) for k, v in kv]):
+        source = [(keys.clone().requires_grad_(), values.clone().requires_grad_())]
+        (gathered_keys, gathered_values), = gather(source, images)
+        ((gathered_keys * grad).sum() + (gathered_values * grad).sum()).backward()
+        gradients.append((gathered_keys.detach(), source[0][0].grad, source[0][1].grad))
+    for ours, reference in zip(*gradients):
+        torch.testing.assert_close(ours, reference)
+    assert gradients[0][1][2].abs().sum() == 0  # image 2 was never gathered

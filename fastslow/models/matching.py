@@ -40,6 +40,7 @@ from fastslow.models.cross_attention import (
     POSITION_INIT_STD,
     DecoderLayer,
     KeysValues,
+    gather_keys_values,
     ProgressiveUpsampler,
     map_side,
 )
@@ -179,11 +180,7 @@ class MatchingModel(nn.Module):
         x = self.text_norm(self.text_projection(texts))
         x = self.layers[0].self_attention(x, padding)[captions]  # once per caption
         padding = padding[captions]
-        # index_select, not indexing: its backward adds into the images' rows far faster on a CPU
-        layer_keys_values = [
-            (keys.index_select(0, images), values.index_select(0, images))
-            for keys, values in keys_values["layers"]
-        ]
+        layer_keys_values = gather_keys_values(keys_values["layers"], images)
         x, _ = self.layers[0].attend_image(x, layer_keys_values[0])
         padding = padding.expand(*x.shape[:-1])
         for index, layer in enumerate(self.layers[1:], start=1):
