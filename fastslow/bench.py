@@ -196,7 +196,10 @@ def fast_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataF
         factories = {"exact": "Flat", **dict(cfg.rerank.approximate_indexes)}
         return index_scaling(gallery, query_embeddings, cfg.rerank.scale_sizes, factories, seed=cfg.seed)
 
-    return load_or_build("index_scaling", key, build)
+    # Stored as columns of plain values: the cache loads with weights_only=True, which refuses DataFrames.
+    return load_or_build(
+        "index_scaling", key, build, to_stored=lambda table: table.to_dict("list"), from_stored=pd.DataFrame
+    )
 
 
 def latency_by_gallery_size(scaling: pd.DataFrame, slow_ms_per_pair: float, k: int, fast_slow_ms: float) -> pd.DataFrame:

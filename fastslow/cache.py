@@ -1,8 +1,15 @@
-"""Artifacts keyed by the hash of the full config that produced them, written atomically.
+"""Artifacts keyed by the hash of the full config that produced them, written atomically, read verified.
 
-One entry per (stage, config hash): ``<cache>/<stage>-<hash>.pt`` plus ``.json`` with the config, so
-a changed parameter never reuses a stale model, and an interrupted write (temp file + rename) never
-leaves a half-written file that a later run would trust.
+One entry per (stage, config hash): ``<cache>/<stage>-<hash>.pt`` plus ``<stage>-<hash>.pt.json`` with
+the format version, the SHA-256 of the ``.pt`` file and the config, so a changed parameter never reuses
+a stale model. The ``.pt`` file is written first (temp file + rename) and the ``.json`` last: an entry
+whose write was interrupted, whose bytes changed since, or which an older format wrote is treated as
+missing (with a warning naming the file) and rebuilt, never trusted. Files are read with
+``torch.load(weights_only=True)``, which runs no code from the file: what is stored must be tensors
+and plain containers (an artifact that is not, converts itself: ``to_stored`` and ``from_stored``).
+
+A lock per entry makes two processes that need the same artifact build it once: the second waits,
+then loads what the first wrote.
 """
 
 from __future__ import annotations
@@ -10,17 +17,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from filelock import FileLock, Timeout
 
 from fastslow.config import REPO_ROOT, config_hash, to_jsonable
+from fastslow.files import atomic_write, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Bumped when what a cache file holds changes shape; entries of another version are rebuilt.
+FORMAT_VERSION = 2
+
 
 def cache_root() -> Path:
     root = Path(os.environ.get("FASTSLOW_CACHE", REPO_ROOT / ".cache" / "fastslow"))
@@ -28,33 +41,96 @@ def cache_root() -> Path:
     return root
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def artifact_path(stage: str, config: Any, suffix: str = ".pt") -> Path:
     return cache_root() / f"{stage}-{config_hash(config)}{suffix}"
 
 
-def load_or_build(stage: str, config: Any, build: Callable[[], T]) -> T:
+def record_path(path: Path) -> Path:
+    """The JSON beside a saved file: its format version, checksum and what produced it."""
+    return path.with_name(path.name + ".json")
+
+
+def save_verified(obj: Any, path: Path, about: dict[str, Any] | None = None) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically, then its record (:func:`record_path`)."""
+    checksum = {}
+
+    def write(tmp: str) -> None:
+        torch.save(obj, tmp)
+        checksum["sha256"] = file_sha256(tmp)
+
+    atomic_write(path, write)
+    record = {"format": FORMAT_VERSION, **checksum, **(about or {})}
+    atomic_write_text(record_path(path), json.dumps(to_jsonable(record), indent=1, sort_keys=True))
+
+
+def load_verified(path: Path) -> Any | None:
+    """What :func:`save_verified` wrote to ``path``; ``None`` when there is nothing there, or when
+    what is there cannot be trusted (then with a warning naming the file and why)."""
+    if not path.exists():
+        return None
+    problem = _untrusted_because(path)
+    if problem is None:
+        try:
+            return torch.load(path, weights_only=True)
+        # A file that matches its checksum can still fail to load (e.g. a type weights_only refuses);
+        # whatever the reason, the entry is rebuilt rather than the run stopped.
+        except Exception as error:  # noqa: BLE001
+            problem = f"cannot be loaded ({type(error).__name__}: {error})"
+    log.warning("cache file %s %s: treating it as missing", path, problem)
+    return None
+
+
+def _untrusted_because(path: Path) -> str | None:
+    record = record_path(path)
+    try:
+        about = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"has no {record.name} (an interrupted write, or an older format)"
+    except (OSError, ValueError) as error:
+        return f"has an unreadable {record.name} ({error})"
+    if not isinstance(about, dict) or about.get("format") != FORMAT_VERSION:
+        found = about.get("format") if isinstance(about, dict) else None
+        return f"was written in cache format {found}, not {FORMAT_VERSION}"
+    if about.get("sha256") != file_sha256(path):
+        return f"does not match the checksum in {record.name} (truncated or changed since it was written)"
+    return None
+
+
+def load_or_build(
+    stage: str,
+    config: Any,
+    build: Callable[[], T],
+    *,
+    to_stored: Callable[[T], Any] | None = None,
+    from_stored: Callable[[Any], T] | None = None,
+) -> T:
     """Return the cached artifact for ``(stage, config)``, or build, save and return it.
 
-    ``build`` returns anything ``torch.save`` can store (state dicts, tensors, plain data).
+    ``build`` returns tensors and plain containers (state dicts, dicts of lists, floats, strings),
+    or anything that ``to_stored`` turns into those and ``from_stored`` turns back.
     """
     path = artifact_path(stage, config)
-    if path.exists():
-        log.info("loading %s from %s", stage, path)
-        return torch.load(path, weights_only=False)
-    log.info("building %s (no cache entry %s)", stage, path.name)
-    artifact = build()
-    atomic_torch_save(artifact, path)
-    path.with_suffix(".json").write_text(json.dumps(to_jsonable(config), indent=1, sort_keys=True))
-    return artifact
+    with _entry_lock(path, stage):
+        stored = load_verified(path)
+        if stored is not None:
+            log.info("loaded %s from %s", stage, path)
+            return from_stored(stored) if from_stored else stored
+        log.info("building %s (no usable cache entry %s)", stage, path.name)
+        artifact = build()
+        save_verified(to_stored(artifact) if to_stored else artifact, path, {"stage": stage, "config": config})
+        return artifact
+
+
+@contextmanager
+def _entry_lock(path: Path, stage: str) -> Iterator[None]:
+    """Hold the entry's lock file, saying so when another process holds it first."""
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process to finish %s (%s)", stage, path.name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -14,7 +14,6 @@ Numbers are text-to-image R@1 (the papers' main task) unless a rule says otherwi
 from __future__ import annotations
 
 import html
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fastslow.config import VIDEO_DATASETS
+from fastslow.files import atomic_write
 from fastslow.intervals import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Difference, paired_difference
 from fastslow.results import read_ranks
 
@@ -436,9 +436,7 @@ def verdict_matrix(verdict_rows: pd.DataFrame) -> pd.DataFrame:
 def save_claims(verdict_rows: pd.DataFrame, run: Path) -> Path:
     """Write ``claims.csv`` in the run folder (atomically, like ``summary.csv``)."""
     path = Path(run) / "claims.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    verdict_rows.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: verdict_rows.to_csv(tmp, index=False))
     return path
 
 

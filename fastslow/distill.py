@@ -127,4 +127,11 @@ def prepare(cfg: StudyConfig, data, student: DualEncoder, teacher, student_key: 
         scores = teacher_batch_scores(teacher, data.visual["train"], texts, batches, captions, cfg.device)
         return {"batches": batches, "captions": captions, "teacher_scores": scores}
 
-    return load_or_build("teacher_scores", key, build)
+    # The cache stores tensors (it loads with weights_only=True, which refuses numpy arrays).
+    return load_or_build(
+        "teacher_scores", key, build,
+        to_stored=lambda prepared: {**prepared, "batches": torch.from_numpy(prepared["batches"]),
+                                    "captions": torch.from_numpy(prepared["captions"])},
+        from_stored=lambda stored: {**stored, "batches": stored["batches"].numpy(),
+                                    "captions": stored["captions"].numpy()},
+    )

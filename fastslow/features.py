@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastslow.cache import artifact_path, atomic_torch_save, load_or_build
+from fastslow.cache import artifact_path, load_or_build, load_verified, save_verified
 from fastslow.config import DataConfig, StudyConfig, default_device
 from fastslow.data import CaptionedImages, load_dataset
 from fastslow.inputs import EFFICIENTNET_LITE0, MAX_CAPTION_TOKENS, MINILM_L6
@@ -228,19 +228,19 @@ def _run_chunks(
     compute: Callable[[int, int], dict[str, torch.Tensor]],
     where: str,
 ) -> list[dict[str, torch.Tensor]]:
-    """Compute ``[start, stop)`` chunks of ``total`` items, each saved atomically; load those already saved."""
+    """Compute ``[start, stop)`` chunks of ``total`` items, each saved atomically; load those already saved
+    (a chunk that fails its checksum is computed again)."""
     chunks = []
     with tqdm(total=total, desc=f"{kind} features {where}", unit=kind) as progress:
         for start in range(0, total, per_chunk):
             stop = min(start + per_chunk, total)
             path = chunk_dir / f"{kind}-{start:08d}-{stop:08d}.pt"
-            if path.exists():
-                chunk = torch.load(path, weights_only=True)
-            else:
+            chunk = load_verified(path)
+            if chunk is None:
                 started = time.perf_counter()
                 chunk = compute(start, stop)
                 chunk["seconds"] = torch.tensor(time.perf_counter() - started)
-                atomic_torch_save(chunk, path)
+                save_verified(chunk, path)
             chunks.append(chunk)
             progress.update(stop - start)
     return chunks

@@ -8,12 +8,13 @@ index (or on ``train_vectors`` when given).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from fastslow.files import atomic_write, atomic_write_text
 
 
 def _float32(vectors) -> np.ndarray:
@@ -65,11 +66,8 @@ class VectorIndex:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
-        path.with_name(path.name + ".factory").write_text(self.factory)
+        atomic_write(path, lambda tmp: faiss.write_index(self.index, tmp))
+        atomic_write_text(path.with_name(path.name + ".factory"), self.factory)
 
     @classmethod
     def load(cls, path: str | Path) -> VectorIndex:

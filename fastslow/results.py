@@ -18,15 +18,16 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from fastslow.config import REPO_ROOT, config_hash, to_jsonable
+from fastslow.files import atomic_write, atomic_write_text
 from fastslow.intervals import recall_interval
 
 KEY_COLUMNS = ["notebook", "experiment", "method", "variant", "dataset", "gallery", "direction", "K", "seed"]
@@ -110,21 +111,25 @@ def _write_ranks(run: Path, row: dict[str, Any]) -> str:
     """Save a row's ranks under a name derived from its key, atomically; returns the name."""
     key = "|".join(str(row.get(c)) for c in KEY_COLUMNS)
     name = f"{row['notebook']}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    folder = Path(run) / RANKS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        np.save(handle, np.asarray(row["ranks"], dtype=np.int32))
-    os.replace(tmp, folder / name)
+    ranks = np.asarray(row["ranks"], dtype=np.int32)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # np.save on a path would add ".npy" to the temp name
+            np.save(handle, ranks)
+
+    atomic_write(Path(run) / RANKS_DIR / name, write)
     return name
 
 
 def _write_table(run: Path, table: pd.DataFrame) -> None:
     table = table.sort_values(KEY_COLUMNS, na_position="first", kind="stable")
-    fd, tmp = tempfile.mkstemp(dir=run, prefix="summary.csv.", suffix=".tmp")
-    os.close(fd)
-    table.to_csv(tmp, index=False, float_format="%.3f")
-    os.replace(tmp, Path(run) / "summary.csv")
+    atomic_write(Path(run) / "summary.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.3f"))
+
+
+def _summary_lock(run: Path) -> FileLock:
+    """Held around every read-modify-write of ``summary.csv``: without it, two notebooks recording
+    at once each rewrite the table they read, and the rows of one are lost."""
+    return FileLock(Path(run) / "summary.csv.lock")
 
 
 def record(run: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -138,24 +143,26 @@ def record(run: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     new = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
     new["K"] = new["K"].astype("Int64")
     new["variant"] = new["variant"].fillna("")
-    old = read_summary(run)
-    table = pd.concat([old, new], ignore_index=True) if len(old) else new
-    table = table.drop_duplicates(subset=KEY_COLUMNS, keep="last")
-    _write_table(Path(run), table)
+    with _summary_lock(run):
+        old = read_summary(run)
+        table = pd.concat([old, new], ignore_index=True) if len(old) else new
+        table = table.drop_duplicates(subset=KEY_COLUMNS, keep="last")
+        _write_table(Path(run), table)
     return new
 
 
 def forget_notebook(run: Path, notebook: str) -> int:
     """Remove every row of ``notebook`` (and its ranks files) before it records anew; returns how
     many rows went."""
-    table = read_summary(run)
-    if table.empty:
-        return 0
-    mine = table["notebook"].astype(str).str.zfill(2) == notebook
-    for name in table.loc[mine, "ranks"].dropna():
-        (Path(run) / RANKS_DIR / name).unlink(missing_ok=True)
-    if mine.any():
-        _write_table(Path(run), table[~mine])
+    with _summary_lock(run):
+        table = read_summary(run)
+        if table.empty:
+            return 0
+        mine = table["notebook"].astype(str).str.zfill(2) == notebook
+        for name in table.loc[mine, "ranks"].dropna():
+            (Path(run) / RANKS_DIR / name).unlink(missing_ok=True)
+        if mine.any():
+            _write_table(Path(run), table[~mine])
     return int(mine.sum())
 
 
@@ -184,9 +191,9 @@ def save_metrics(run: Path, name: str, config: Any, payload: dict[str, Any]) -> 
         **to_jsonable(_without_ranks(payload)),
     }
     path = Path(run) / "metrics" / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(document, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    # A whole-file replacement under a unique temp name: two runs writing the same experiment at once
+    # leave one complete document (the last), never a mix or an error.
+    atomic_write_text(path, json.dumps(document, indent=1, default=_json_default))
     return path
 
 

@@ -2,7 +2,8 @@
 
 ``fit`` runs AdamW with linear warm-up and cosine decay, validates after each epoch, keeps the best
 weights, stops early when validation stops improving, and writes a checkpoint after every epoch
-(atomically) so an interrupted run resumes where it stopped instead of starting over.
+(atomically, with its checksum) so an interrupted run resumes where it stopped instead of starting over;
+a checkpoint that fails its checksum or does not load is ignored with a warning, and training starts over.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastslow.cache import atomic_torch_save
+from fastslow.cache import load_verified, save_verified
 from fastslow.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,10 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     state = {"epoch": 0, "best_score": -math.inf, "best_weights": None, "bad_epochs": 0, "stopped": False, "history": {"epochs": [], "steps": []}}
 
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
+    saved = load_verified(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.exists() and saved is None:
+        log.warning("%s: starting over from epoch 1 (checkpoint %s is unusable)", desc, checkpoint)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -125,7 +128,7 @@ def fit(
         state["epoch"] = epoch + 1
         state["stopped"] = state["bad_epochs"] >= config.patience
         if checkpoint is not None:
-            atomic_torch_save(
+            save_verified(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),

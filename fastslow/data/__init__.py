@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 from fastslow.cache import load_or_build
 from fastslow.config import GENERATED_DATASETS, VIDEO_DATASETS, DataConfig
@@ -76,6 +81,7 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
         return load_or_build(
             "dataset", key,
             lambda: load_real_dataset(config.dataset, config.data_dir, config.image_size, split_caps(config), config.seed),
+            to_stored=_splits_as_tensors, from_stored=_splits_from_tensors,
         )
     if config.dataset == "shapes-video":
         return make_shapes_video(
@@ -95,3 +101,23 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
             for split, cap in split_caps(config).items()
         }
     raise ValueError(f"dataset {config.dataset!r} has no loader yet")
+
+
+def _splits_as_tensors(splits: dict[str, CaptionedImages]) -> dict[str, dict[str, Any]]:
+    """Each split's fields with its arrays as tensors: the cache loads with ``weights_only=True``,
+    which refuses numpy arrays."""
+    return {
+        name: {f.name: _tensor_if_array(getattr(split, f.name)) for f in dataclasses.fields(split)}
+        for name, split in splits.items()
+    }
+
+
+def _splits_from_tensors(stored: dict[str, dict[str, Any]]) -> dict[str, CaptionedImages]:
+    return {
+        name: CaptionedImages(**{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
+        for name, fields in stored.items()
+    }
+
+
+def _tensor_if_array(value: Any) -> Any:
+    return torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fastslow.data.types import SPLITS, CaptionedImages
+from fastslow.files import read_lines, read_text
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def load_image_folder(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
+    if root.is_file():
+        raise NotADirectoryError(f"dataset folder is a file, not a folder: {root}")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     split_dir = _split_folder(root, split)
@@ -51,7 +54,7 @@ def load_image_folder(
     file_names, captions_by_file = _group_captions(rows, metadata_path)
 
     sources = [split_dir / file_name for file_name in file_names]
-    desc = f"{root.name}/{split_dir.name}"
+    desc = f"{dataset or root.name}/{split}"
     images, kept, skipped = read_resized_images(sources, image_size, where=str(split_dir), desc=desc)
     loaded = [file_names[i] for i in kept]
     return real_captioned_images(
@@ -71,7 +74,8 @@ def read_resized_images(
     ``sources`` are file paths or encoded bytes. Returns the readable images, their positions in
     ``sources``, and the ``names`` (default: the paths) of the ones skipped as missing or unreadable,
     which are logged as a warning: a real dataset with a few broken files still loads, never silently.
-    Raises ``ValueError`` naming ``where`` when no image is readable. ``desc`` labels the progress bar.
+    Raises ``ValueError`` naming ``desc`` (the split, e.g. ``flickr8k/train``; it also labels the progress
+    bar) and ``where`` when no image is readable.
     """
     if names is None:
         names = [f"<bytes #{i}>" if isinstance(s, bytes) else str(s) for i, s in enumerate(sources)]
@@ -96,7 +100,7 @@ def read_resized_images(
             len(skipped), len(sources), where, skipped[0],
         )
     if not kept:
-        raise ValueError(f"no readable images in {where}: all {len(skipped)} were skipped")
+        raise ValueError(f"no readable images for {desc or 'the split'} in {where}: all {len(skipped)} were skipped")
     return images[: len(kept)], np.asarray(kept, dtype=np.int64), skipped
 
 
@@ -144,21 +148,19 @@ def _metadata_file(split_dir: Path) -> Path:
 
 def _read_rows(metadata_path: Path) -> list[dict[str, Any]]:
     if metadata_path.suffix == ".csv":
-        with metadata_path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+        return list(csv.DictReader(io.StringIO(read_text(metadata_path), newline="")))
     rows = []
-    with metadata_path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                message = f"{metadata_path} line {line_number} is not valid JSON: {error}"
-                raise ValueError(message) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{metadata_path} line {line_number} is not a JSON object")
-            rows.append(row)
+    for line_number, line in enumerate(read_lines(metadata_path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            message = f"{metadata_path} line {line_number} is not valid JSON: {error}"
+            raise ValueError(message) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{metadata_path} line {line_number} is not a JSON object")
+        rows.append(row)
     return rows
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from fastslow.data.folder import METADATA_FILES, ImageSource, read_resized_images, real_captioned_images
 from fastslow.data.types import SPLITS, CaptionedImages
+from fastslow.files import read_lines, read_text
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ def load_real_dataset(
     root = Path(data_dir)
     if root.is_file() and root.suffix == ".json":
         return load_karpathy_json(root, image_size, max_images=max_images, seed=seed, dataset=name)
+    if root.is_file():
+        raise NotADirectoryError(
+            f"data_dir of dataset {name!r} is a file, not a folder: {root} "
+            f"(give the folder that holds it, or a dataset_{name}.json)"
+        )
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir of dataset {name!r} not found: {root}")
     karpathy_json = root / f"dataset_{name}.json"
@@ -200,24 +206,23 @@ def carve_validation(train_names: Sequence[str], seed: int) -> tuple[list[str], 
 def _read_flickr8k_tokens(path: Path) -> dict[str, list[str]]:
     """Captions of each image, in file order, from ``<image>#<k>\\t<caption>`` lines."""
     captions: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            key, tab, caption = line.rstrip("\n").partition("\t")
-            image, hash_sign, _ = key.partition("#")
-            if not tab or not hash_sign or not image or not caption.strip():
-                raise ValueError(
-                    f"{path} line {line_number}: expected '<image>#<k>\\t<caption>', got {line.strip()[:80]!r}"
-                )
-            captions.setdefault(image, []).append(caption.strip())
+    for line_number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        key, tab, caption = line.partition("\t")
+        image, hash_sign, _ = key.partition("#")
+        if not tab or not hash_sign or not image or not caption.strip():
+            raise ValueError(
+                f"{path} line {line_number}: expected '<image>#<k>\\t<caption>', got {line.strip()[:80]!r}"
+            )
+        captions.setdefault(image, []).append(caption.strip())
     if not captions:
         raise ValueError(f"{path} has no captions")
     return captions
 
 
 def _read_image_list(path: Path) -> list[str]:
-    names = list(dict.fromkeys(line.strip() for line in path.read_text(encoding="utf-8").splitlines()))
+    names = list(dict.fromkeys(line.strip() for line in read_lines(path)))
     names = [name for name in names if name]
     if not names:
         raise ValueError(f"{path} lists no images")
@@ -265,7 +270,7 @@ def load_karpathy_json(
 def _read_karpathy_records(json_path: Path) -> list[tuple[str, str, list[str]]]:
     """``(relative image path, split, captions)`` per image, validated."""
     try:
-        content = json.loads(json_path.read_text(encoding="utf-8"))
+        content = json.loads(read_text(json_path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{json_path} is not valid JSON: {error}") from None
     images = content.get("images") if isinstance(content, dict) else None

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from fastslow.data.folder import read_resized_images, real_captioned_images
 from fastslow.data.types import SPLITS, CaptionedVideos
+from fastslow.files import read_text
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def load_video_captions(
     if frames < 1 or image_size < 1:
         raise ValueError(f"frames and image_size must be >= 1, got {frames} and {image_size}")
     root = Path(root)
+    if root.is_file():
+        raise NotADirectoryError(f"dataset folder is a file, not a folder: {root}")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     captions_path = _captions_file(root, split)
@@ -136,7 +139,7 @@ def sample_frame_indices(n_available: int, frames: int) -> np.ndarray:
 def read_clip_captions(path: Path, split: str) -> dict[str, list[str]]:
     """Clip id -> captions (file order) of ``split`` in a VATEX or MSR-VTT captions file."""
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if isinstance(content, list):
