@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fastslow import distill, metrics
 from fastslow.batches import PairBatches, headline_queries
-from fastslow.cache import artifact_path, load_or_build
+from fastslow.cache import artifact_path, load_or_build, record_path
 from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, WordTokenizer, load_dataset
 from fastslow.data.text import SpecialPieces, WordPieceVocabulary
@@ -172,6 +172,7 @@ def train_or_load(
 
     The model is built under ``seed`` (:func:`build_seeded`), so its initial weights depend on its
     config alone, never on what ran before in the process."""
+    checkpoint = artifact_path(stage, key, ".ckpt")
 
     def build() -> dict[str, Any]:
         model = build_seeded(make_model, seed)
@@ -184,7 +185,7 @@ def train_or_load(
             train_config,
             seed=seed,
             device=device,
-            checkpoint=artifact_path(stage, key, ".ckpt"),
+            checkpoint=checkpoint,
             desc=stage,
         )
         seconds = time.perf_counter() - started
@@ -192,7 +193,8 @@ def train_or_load(
         return {"state": state, "history": history, "train_seconds": seconds}
 
     artifact = load_or_build(stage, key, build)
-    artifact_path(stage, key, ".ckpt").unlink(missing_ok=True)
+    for leftover in (checkpoint, record_path(checkpoint)):
+        leftover.unlink(missing_ok=True)
     model = build_seeded(make_model, seed)
     model.load_state_dict(artifact["state"])
     model.to(device).eval()
@@ -359,19 +361,36 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
 
 
 def slow_candidates(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
-    """The Slow models the study chooses among on validation, by name: ``variant`` overrides of
-    ``cfg.cross`` (:func:`train_or_load_cross_attention`), one per training objective, on the
-    same budget (and on ``pretrained`` the same mined negatives): notebook 03's objective
-    ablation."""
+    """The kinds of Slow model the study chooses among on validation, by name: ``variant``
+    overrides of ``cfg.cross`` (:func:`train_or_load_cross_attention`), one per training
+    objective (on ``pretrained`` with the same mined negatives): notebook 03's objective ablation."""
     return {f"objective={objective}": {"objective": objective} for objective in OBJECTIVES}
 
 
+def ablation_config(cfg: StudyConfig) -> StudyConfig:
+    """``cfg`` with the Slow model's training budget cut to the ablations' (``cross_ablation.train``)."""
+    return dataclasses.replace(cfg, train_cross=cfg.cross_ablation.train)
+
+
+def trained_slow_candidates(cfg: StudyConfig, data: Study) -> dict[str, Trained]:
+    """Every candidate of :func:`slow_candidates`, trained (or loaded) on the ablations' budget."""
+    return {
+        name: train_or_load_cross_attention(ablation_config(cfg), data, **variant)
+        for name, variant in slow_candidates(cfg).items()
+    }
+
+
 def best_slow_model(cfg: StudyConfig, data: Study) -> tuple[str, Trained]:
-    """The candidate of :func:`slow_candidates` with the best validation RSUM (each trained or
-    loaded), and its name: the Slow model the study uses downstream (re-ranking, teacher)."""
-    trained = {name: train_or_load_cross_attention(cfg, data, **variant) for name, variant in slow_candidates(cfg).items()}
-    best = max(trained, key=lambda name: best_validation_score(trained[name]))
-    return best, trained[best]
+    """The Slow model the study uses downstream (re-ranking, teacher), and the name of its kind:
+    the candidate with the best validation RSUM on the ablations' budget
+    (:func:`trained_slow_candidates`), trained again on the full budget ``cfg.train_cross``.
+
+    Choosing on the smaller budget lets every kind be tried at a fraction of the cost of the full
+    one (on Flickr8k a captioning epoch costs several matching ones), and only the chosen kind pays
+    for the full budget."""
+    candidates = trained_slow_candidates(cfg, data)
+    best = max(candidates, key=lambda name: best_validation_score(candidates[name]))
+    return best, train_or_load_cross_attention(cfg, data, **slow_candidates(cfg)[best])
 
 
 def best_validation_score(trained: Trained) -> float:
