@@ -30,6 +30,11 @@ Options:
                    e.g. -p dataset flickr8k -p data_dir PATH -p backbone pretrained.
                    '-p profile P' is the same as '--profile P'.
                    The run is named <profile>-<dataset> (dataset default: shapes).
+                   Checked before anything runs or is written: every KEY must be a
+                   parameter of the notebooks, every VALUE of its type (seed: an
+                   integer; None where the default is None), and profile, dataset,
+                   backbone and device one of their choices (device: cpu, or cuda
+                   when torch sees a GPU); a bad one exits with status 2.
   --force          rerun notebooks that already ran with the same parameters
   --tests          run 'python -m pytest' from the repo root (package tests and
                    notebooks under nbval, smoke profile); arguments after
@@ -167,17 +172,21 @@ shopt -u nullglob
 # Effective parameters: last value wins for a repeated key; profile first.
 declare -A param=()
 for i in "${!keys[@]}"; do param["${keys[$i]}"]="${vals[$i]}"; done
-dataset="${param[dataset]:-shapes}"
-run="$profile-$dataset"
-[[ "$run" =~ ^[A-Za-z0-9._-]+$ ]] || die "run name '$run' has odd characters (check -p dataset)"
-
-pm_args=(-p profile "$profile")
+given=(profile "$profile")
 params_str="profile=$profile"
 while IFS= read -r k; do
     [[ -n "$k" ]] || continue
-    pm_args+=(-p "$k" "${param[$k]}")
+    given+=("$k" "${param[$k]}")
     params_str+=$'\n'"$k=${param[$k]}"
 done < <(printf '%s\n' "${!param[@]}" | LC_ALL=C sort)
+
+# Before anything runs or is written: every key is a notebook parameter, every value has its
+# type and is one of its choices (exit 2 naming what is valid). Papermill gets the values typed
+# (JSON for -y), so '-p data_dir 8' stays a string.
+typed_params="$("$PY" -m fastslow.parameters "$NB_DIR" "${given[@]}")" || exit $?
+pm_args=(-y "$typed_params")
+dataset="${param[dataset]:-shapes}"
+run="$profile-$dataset"
 
 RUN_DIR="results/$run"
 OUT_DIR="$RUN_DIR/notebooks"

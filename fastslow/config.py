@@ -327,9 +327,24 @@ def default_profile() -> str:
 
 
 def default_device() -> str:
+    return "cuda" if "cuda" in available_devices() else "cpu"
+
+
+# Where a GPU driver shows itself (NVIDIA's, AMD ROCm's, WSL's). Without any of them torch sees no
+# GPU, and saying so needs no `import torch`, which takes seconds: run_all.sh checks `device` in less.
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")
+
+
+def available_devices() -> tuple[str, ...]:
+    """The devices this machine runs on: the CPU, and with a GPU torch can use ``cuda`` and
+    ``cuda:<index>``."""
+    if not any(os.path.exists(path) for path in GPU_DRIVER_FILES):
+        return ("cpu",)
     import torch  # here, not at the top: the reporting layer reads configs without torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return ("cpu",)
+    return ("cpu", "cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count())))
 
 
 @dataclass(frozen=True)
@@ -368,6 +383,8 @@ def make_config(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if device is not None and device not in (devices := available_devices()):
+        raise ValueError(f"device {device!r} is not available on this machine; choose one of {', '.join(devices)}")
     if dataset not in GENERATED_DATASETS and not data_dir:
         raise ValueError(f"dataset {dataset!r} needs data_dir: the folder that holds it")
     video = chosen.video if dataset in VIDEO_DATASETS else None

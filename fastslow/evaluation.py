@@ -41,7 +41,8 @@ def headline_fast_scores(model: DualEncoder, data: Study, device: str) -> torch.
 
 
 def cached_slow_scores(slow: Trained, visual: np.ndarray | FeatureImages, tokens: torch.Tensor, queries: np.ndarray, device: str, name: str) -> torch.Tensor:
-    """Slow scores of ``queries`` against every image of ``visual``, cached under the model and the query set."""
+    """Slow scores of ``queries`` against every image of ``visual``, cached under the model (whose key
+    holds the data's fingerprint, :func:`fastslow.data.data_key`) and the query set."""
     key = {"model": slow.config_hash, "gallery": name, "images": len(visual), "queries": queries.tolist()}
     return load_or_build("slow_scores", key, lambda: cross_attention_scores(slow.model, visual, tokens, device, queries))
 

@@ -10,8 +10,9 @@ so their outputs are computed once and the Fast and Slow heads train on them che
 
 Extraction is resumable: it writes chunks atomically under the cache, and a rerun after an
 interruption computes only the chunks that are missing. The finished set is one cache entry
-(:func:`fastslow.cache.load_or_build`; the chunks are then removed) keyed by the backbones, the image
-size, the dataset and a digest of the split's image ids and captions: a changed subset never reuses
+(:func:`fastslow.cache.load_or_build`; the chunks are then removed) keyed by :func:`feature_key`: the
+backbones, the image size, the dataset, a digest of the split's image ids and captions and the
+fingerprint of the files they were read from. A changed subset or a replaced photograph never reuses
 stale features, and two splits with the same images (Flickr8k's val and test, both its dev list)
 share one extraction.
 
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from fastslow.cache import artifact_path, load_or_build, load_verified, save_verified
 from fastslow.config import DataConfig, StudyConfig, default_device
-from fastslow.data import CaptionedImages, load_dataset
+from fastslow.data import CaptionedImages, files_key, load_dataset
 from fastslow.inputs import EFFICIENTNET_LITE0, MAX_CAPTION_TOKENS, MINILM_L6
 from fastslow.models.pretrained import image_backbone, text_backbone
 
@@ -118,24 +119,31 @@ def extract_features(
     params = source if isinstance(source, FeatureParams) else FeatureParams.from_config(source)
     device = device or (source.device if isinstance(source, StudyConfig) else default_device())
     data = data if data is not None else load_dataset(params.data)[split]
-    digest = content_digest(data)
-    key = {
+    key = feature_key(params, data)
+
+    def build() -> dict:
+        chunk_dir = artifact_path("features", key, ".chunks")
+        artifact = _extract(params, data, key["content"], chunk_dir, device, images_per_chunk, captions_per_chunk)
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+        return artifact
+
+    return FeatureSet(**load_or_build("features", key, build))
+
+
+def feature_key(params: FeatureParams, data: CaptionedImages) -> dict:
+    """What the features of ``data`` depend on: the backbones, the image size, the split's image ids
+    and captions (:func:`content_digest`) and the pixels, through the fingerprint of the files
+    under ``data_dir`` (:func:`fastslow.data.files_key`)."""
+    return {
         "dataset": params.data.dataset,
         "data_dir": _absolute(params.data.data_dir),
         "image_size": params.data.image_size,
         "image_backbone": params.image_backbone,
         "text_model": params.text_model,
         "max_caption_tokens": params.max_caption_tokens,
-        "content": digest,
+        "content": content_digest(data),
+        **files_key(params.data.data_dir),
     }
-
-    def build() -> dict:
-        chunk_dir = artifact_path("features", key, ".chunks")
-        artifact = _extract(params, data, digest, chunk_dir, device, images_per_chunk, captions_per_chunk)
-        shutil.rmtree(chunk_dir, ignore_errors=True)
-        return artifact
-
-    return FeatureSet(**load_or_build("features", key, build))
 
 
 def _absolute(data_dir: str | None) -> str | None:

@@ -24,7 +24,7 @@ from fastslow import distill, metrics
 from fastslow.batches import PairBatches, headline_queries
 from fastslow.cache import artifact_path, load_or_build, record_path
 from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash
-from fastslow.data import CaptionedImages, WordTokenizer, load_dataset
+from fastslow.data import CaptionedImages, WordTokenizer, data_key, load_dataset
 from fastslow.data.text import SpecialPieces, WordPieceVocabulary
 from fastslow.features import extract_features
 from fastslow.inputs import MAX_CAPTION_TOKENS, FeatureImages
@@ -205,7 +205,9 @@ def train_or_load(
 
 
 def dual_encoder_key(cfg: StudyConfig) -> dict[str, Any]:
-    return {"data": cfg.data, "model": cfg.dual, "train": cfg.train_dual, "seed": cfg.seed}
+    """What a dual encoder depends on: the data (with its files' fingerprint,
+    :func:`fastslow.data.data_key`), its model, its training and its seed."""
+    return {**data_key(cfg.data), "model": cfg.dual, "train": cfg.train_dual, "seed": cfg.seed}
 
 
 def dual_encoder_validation(data: Study, device: str) -> Callable[[DualEncoder], float]:
@@ -255,7 +257,7 @@ def cross_attention_key(cfg: StudyConfig, **variant) -> dict[str, Any]:
     that starts from the dual encoder, or learns from negatives it mined (``pretrained``), adds
     the dual encoder's own key."""
     model = dataclasses.replace(cfg.cross, **variant)
-    key = {"data": cfg.data, "model": model, "train": cfg.train_cross, "seed": cfg.seed}
+    key = {**data_key(cfg.data), "model": model, "train": cfg.train_cross, "seed": cfg.seed}
     if model.tower_init == "dual_encoder" or model.encoder.backbone == "pretrained":
         key["tower"] = dual_encoder_key(cfg)
     return key

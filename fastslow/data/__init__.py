@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from fastslow.data.text import WordTokenizer
 from fastslow.data.types import CaptionedImages, CaptionedVideos
 from fastslow.data.video import make_shapes_video
 from fastslow.data.video_folder import load_video_captions
+from fastslow.files import file_sha256
 
 __all__ = [
     "CaptionedImages",
@@ -37,18 +39,79 @@ __all__ = [
 REAL_VIDEO_DATASETS = tuple(d for d in VIDEO_DATASETS if d not in GENERATED_DATASETS)
 
 
-def files_fingerprint(data_dir: str | None) -> str:
-    """A digest of every file's path, size and modification time under ``data_dir`` (a hub name
-    that is not a local folder digests as itself): what a cached decoding must still match."""
-    root = Path(data_dir or "")
-    if not data_dir or not root.exists():
-        return str(data_dir)
-    entries = sorted(
-        f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}"
-        for path in root.rglob("*")
-        if path.is_file() and (stat := path.stat())
-    )
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+# Files the loaders read whole (captions, split lists, metadata): hashed whole, so any edit shows.
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv")
+# Any other file (an image, a clip, a frame) is known by its size, modification time and the hash of
+# this many bytes at its start, middle and end: enough to tell one photograph from another of the
+# same size, at a few reads per file. A file no longer than the three samples is hashed whole.
+SAMPLE_BYTES = 4096
+
+
+def data_key(config: DataConfig) -> dict[str, Any]:
+    """What a cache key holds of the data an artifact was made from: its config, and for data read
+    from ``data_dir`` the fingerprint of the files there (:func:`files_key`). Every stage that
+    depends on the data keys on this, or on the key of a stage that does."""
+    return {"data": config, **files_key(config.data_dir)}
+
+
+def files_key(data_dir: str | None) -> dict[str, str]:
+    """``{"files": fingerprint}`` of the data under ``data_dir`` (:func:`files_fingerprint`);
+    nothing for generated data (no ``data_dir``), which is a function of its config."""
+    return {"files": files_fingerprint(data_dir)} if data_dir else {}
+
+
+@functools.lru_cache(maxsize=16)
+def files_fingerprint(data_dir: str) -> str:
+    """A digest of the data under ``data_dir``: each file's path, with the hash of its content
+    (captions and lists, :data:`TEXT_SUFFIXES`) or its size, modification time and sampled hash
+    (images and clips, :data:`SAMPLE_BYTES`). Symlinked files and folders are followed. A
+    ``data_dir`` that is a file (a Karpathy JSON) stands for its folder, where its images are; a hub
+    name that is not a local path digests as itself.
+
+    Computed once per ``data_dir`` in a process (every stage key asks for it): data changed while a
+    process runs is seen by the next one, as :func:`load_dataset`'s in-memory splits are.
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        return data_dir
+    if root.is_file():
+        root = root.parent
+    digest = hashlib.sha256()
+    for relative, path in _data_files(root):
+        digest.update(f"{relative}:{_file_fingerprint(path)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _data_files(root: Path) -> list[tuple[str, Path]]:
+    """Every file under ``root`` as (path relative to ``root``, path), in a fixed order, through
+    symlinked folders too (each real folder once, so a link to a folder above cannot loop)."""
+    found = []
+    seen_folders = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen_folders:
+            subfolders.clear()
+            continue
+        seen_folders.add((stat.st_dev, stat.st_ino))
+        found += [(str(Path(folder, name).relative_to(root)), Path(folder, name)) for name in names]
+    return sorted(found)
+
+
+def _file_fingerprint(path: Path) -> str:
+    """What identifies one file's content: see :func:`files_fingerprint`. A broken link or a file
+    that vanished reads as missing (the loader reports it, if it needs it)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    if path.suffix.lower() in TEXT_SUFFIXES or stat.st_size <= 3 * SAMPLE_BYTES:
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for offset in (0, (stat.st_size - SAMPLE_BYTES) // 2, stat.st_size - SAMPLE_BYTES):
+            handle.seek(offset)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{digest.hexdigest()}"
 
 
 def split_caps(config: DataConfig) -> dict[str, int]:
@@ -77,7 +140,7 @@ def load_dataset(config: DataConfig) -> dict[str, CaptionedImages]:
         # longer than reading them back, and every notebook loads them: the decoded splits are cached,
         # keyed by the files they come from.
         # "splits" names the split rule, so splits cached under an older rule are never reused.
-        key = {"data": config, "files": files_fingerprint(config.data_dir), "splits": "validation-carved-from-train"}
+        key = {**data_key(config), "splits": "validation-carved-from-train"}
         return load_or_build(
             "dataset", key,
             lambda: load_real_dataset(config.dataset, config.data_dir, config.image_size, split_caps(config), config.seed),
