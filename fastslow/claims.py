@@ -24,7 +24,7 @@ import pandas as pd
 from fastslow.config import VIDEO_DATASETS
 from fastslow.files import atomic_write
 from fastslow.intervals import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Difference, paired_difference
-from fastslow.results import read_ranks
+from fastslow.results import REPLICATE_COLUMNS, read_ranks, replicate_count
 
 PARTLY, NOT_RUN = "partly", "not run"
 VERDICTS = (REPRODUCED, PARTLY, INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN)
@@ -84,7 +84,7 @@ class Pick:
         chosen = chosen[chosen["K"].isna()] if self.K is None else chosen[chosen["K"] == self.K]
         if self.gallery is not None:
             chosen = chosen[chosen["gallery"] == self.gallery]
-        return chosen.sort_values("seed")
+        return chosen.sort_values(REPLICATE_COLUMNS)
 
 
 def seed_ranks(rows: pd.DataFrame) -> list[np.ndarray] | None:
@@ -100,7 +100,11 @@ def seed_ranks(rows: pd.DataFrame) -> list[np.ndarray] | None:
 def compare(rows: pd.DataFrame, a: Pick, b: Pick, k: int = 1) -> Difference | None:
     """R@k of ``a`` minus ``b`` with its paired interval over their common queries; None when either
     is missing or they were not scored on the same queries."""
-    ranks_a, ranks_b = seed_ranks(a.rows(rows)), seed_ranks(b.rows(rows))
+    rows_a, rows_b = a.rows(rows), b.rows(rows)
+    # Like with like: only the study seeds both methods ran under.
+    shared = set(rows_a["seed"]) & set(rows_b["seed"])
+    ranks_a = seed_ranks(rows_a[rows_a["seed"].isin(shared)])
+    ranks_b = seed_ranks(rows_b[rows_b["seed"].isin(shared)])
     if ranks_a is None or ranks_b is None or {len(r) for r in ranks_a} != {len(r) for r in ranks_b}:
         return None
     return paired_difference(ranks_a, ranks_b, k)
@@ -122,7 +126,7 @@ def interval_table(rows: pd.DataFrame, picks: dict[str, Pick]) -> pd.DataFrame:
         table[label] = {
             "R@1": chosen["R@1"].mean(), "R@1 low": chosen["R@1_lo"].mean(), "R@1 high": chosen["R@1_hi"].mean(),
             "R@5": chosen["R@5"].mean(), "R@10": chosen["R@10"].mean(), "ms/query": chosen["ms_per_query"].mean(),
-            "queries": chosen["queries"].max(), "seeds": chosen["seed"].nunique(),
+            "queries": chosen["queries"].max(), "seeds": replicate_count(chosen),
         }
     return pd.DataFrame(table).T.round(2) if table else pd.DataFrame()
 

@@ -28,13 +28,13 @@ class Session:
         """Add rows to the run's summary table; returns them as a table to show."""
         return results.record(self.run, [{"notebook": self.notebook, **row} for row in rows])
 
-    def record_metrics(self, metrics_by_direction, seed: int | None = None, **keys) -> pd.DataFrame:
+    def record_metrics(self, metrics_by_direction, **keys) -> pd.DataFrame:
         """Summary rows (both directions) for one method's :func:`fastslow.metrics.retrieval_metrics`:
-        its recalls with the R@1 interval, the gallery it searched and its per-query ranks."""
-        seed = self.config.seed if seed is None else seed
+        its recalls with the R@1 interval, the gallery it searched and its per-query ranks, under
+        the study's seed (``keys`` may add a ``run_seed``: a run's own seed in a repeated experiment)."""
         rows = results.metric_rows(
-            metrics_by_direction, notebook=self.notebook, dataset=self.config.data.dataset, seed=seed,
-            gallery=metrics_by_direction["gallery"], **keys,
+            metrics_by_direction, notebook=self.notebook, dataset=self.config.data.dataset,
+            seed=self.config.seed, gallery=metrics_by_direction["gallery"], **keys,
         )
         return results.record(self.run, rows)
 
@@ -62,8 +62,9 @@ def setup(notebook: str, **parameters) -> Session:
     config = make_config(**parameters)
     set_seed(config.seed)
     session = Session(notebook, config, results.run_dir(config.run_name))
-    # A rerun replaces the notebook's rows: none of an older run survives beside the new ones.
-    forgotten = results.forget_notebook(session.run, notebook)
+    # A rerun replaces the notebook's rows of its seed: none of an older run survives beside the
+    # new ones, and another study seed's rows stay.
+    forgotten = results.forget_notebook(session.run, notebook, config.seed)
     versions = results.environment_versions()
     print(f"profile {config.profile}, dataset {config.data.dataset}, seed {config.seed}, device {config.device}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform"))

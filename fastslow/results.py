@@ -1,12 +1,15 @@
 """The results contract: one tidy table per run, per-query ranks, per-experiment JSON, and figures.
 
 ``results/<run>/summary.csv`` has one row per measurement, keyed by (notebook, experiment, method,
-variant, dataset, gallery, direction, K, seed): ``variant`` names an ablation's setting (e.g.
-``upsampling=2``), ``gallery`` the number of gallery items the queries searched. Each row carries
+variant, dataset, gallery, direction, K, seed, run_seed): ``variant`` names an ablation's setting
+(e.g. ``upsampling=2``), ``gallery`` the number of gallery items the queries searched, ``seed`` the
+study's seed (``-p seed``) and ``run_seed`` a run's own seed inside an experiment that repeats it
+over seeds (the distilled students), empty elsewhere. Each row carries
 R@1 with its 95% bootstrap interval over queries (``R@1_lo``, ``R@1_hi``), the number of queries,
 and the file of its per-query ranks under ``ranks/``, from which the claims compute paired
-intervals (:mod:`fastslow.claims`). A notebook that reruns replaces all of its rows
-(:func:`forget_notebook`), so no row of an older run survives beside a newer one.
+intervals (:mod:`fastslow.claims`). A notebook that reruns replaces all of its rows of its study
+seed (:func:`forget_notebook`), so no row of an older run survives beside a newer one, and a run
+with another study seed adds to the table.
 ``python -m fastslow.results show results/<run>`` prints the table.
 """
 
@@ -30,9 +33,11 @@ from fastslow.config import REPO_ROOT, config_hash, to_jsonable
 from fastslow.files import atomic_write, atomic_write_text
 from fastslow.intervals import recall_interval
 
-KEY_COLUMNS = ["notebook", "experiment", "method", "variant", "dataset", "gallery", "direction", "K", "seed"]
+KEY_COLUMNS = ["notebook", "experiment", "method", "variant", "dataset", "gallery", "direction", "K", "seed", "run_seed"]
 VALUE_COLUMNS = ["R@1", "R@1_lo", "R@1_hi", "R@5", "R@10", "MdR", "queries", "ms_per_query", "ranks"]
 SUMMARY_COLUMNS = KEY_COLUMNS + VALUE_COLUMNS
+# What tells the repeats of one measurement apart: the study's seed and a run's own seed.
+REPLICATE_COLUMNS = ["seed", "run_seed"]
 RANKS_DIR = "ranks"
 
 
@@ -58,6 +63,7 @@ def metric_rows(
     seed: int,
     variant: str = "",
     K: int | None = None,
+    run_seed: int | None = None,
     ms_per_query: float | None = None,
 ) -> list[dict[str, Any]]:
     """Turn :func:`fastslow.metrics.retrieval_metrics` output into one summary row per direction,
@@ -80,6 +86,7 @@ def metric_rows(
                 "direction": direction,
                 "K": K,
                 "seed": seed,
+                "run_seed": run_seed,
                 **{c: values.get(c) for c in ("R@1", "R@5", "R@10", "MdR")},
                 "R@1_lo": low,
                 "R@1_hi": high,
@@ -96,10 +103,17 @@ def read_summary(run: Path) -> pd.DataFrame:
     path = Path(run) / "summary.csv"
     if not path.exists():
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    table = pd.read_csv(path, dtype={"notebook": str, "K": "Int64", "variant": str, "ranks": str}, keep_default_na=True)
+    table = pd.read_csv(
+        path, dtype={"notebook": str, "K": "Int64", "run_seed": "Int64", "variant": str, "ranks": str}, keep_default_na=True
+    )
     table = table.reindex(columns=SUMMARY_COLUMNS)  # a table written before a column existed lacks it
     table["variant"] = table["variant"].fillna("")
     return table
+
+
+def replicate_count(rows: pd.DataFrame) -> int:
+    """How many repeats (distinct study seed and run seed) ``rows`` hold."""
+    return len(rows[REPLICATE_COLUMNS].drop_duplicates())
 
 
 def read_ranks(run: Path, name: str) -> np.ndarray:
@@ -135,13 +149,16 @@ def _summary_lock(run: Path) -> FileLock:
 def record(run: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Add rows to ``summary.csv``, replacing rows with the same key; returns the new rows.
 
-    A row's ``ranks`` (per-query ranks) go to ``ranks/``; the table keeps the file name."""
+    A row's ``ranks`` (per-query ranks) go to ``ranks/``; the table keeps the file name. A row
+    without ``run_seed`` is no repeat of a run (the column stays empty)."""
+    rows = [{"run_seed": None, **r} for r in rows]
     missing = [c for r in rows for c in KEY_COLUMNS if c not in r]
     if missing:
         raise ValueError(f"summary rows lack key columns: {sorted(set(missing))}")
     rows = [{**r, "ranks": _write_ranks(run, r)} if isinstance(r.get("ranks"), np.ndarray) else r for r in rows]
     new = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
     new["K"] = new["K"].astype("Int64")
+    new["run_seed"] = new["run_seed"].astype("Int64")
     new["variant"] = new["variant"].fillna("")
     with _summary_lock(run):
         old = read_summary(run)
@@ -151,14 +168,14 @@ def record(run: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return new
 
 
-def forget_notebook(run: Path, notebook: str) -> int:
-    """Remove every row of ``notebook`` (and its ranks files) before it records anew; returns how
-    many rows went."""
+def forget_notebook(run: Path, notebook: str, seed: int) -> int:
+    """Remove every row of ``notebook`` with study seed ``seed`` (and its ranks files) before it
+    records anew; returns how many rows went."""
     with _summary_lock(run):
         table = read_summary(run)
         if table.empty:
             return 0
-        mine = table["notebook"].astype(str).str.zfill(2) == notebook
+        mine = (table["notebook"].astype(str).str.zfill(2) == notebook) & (table["seed"] == seed)
         for name in table.loc[mine, "ranks"].dropna():
             (Path(run) / RANKS_DIR / name).unlink(missing_ok=True)
         if mine.any():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fastslow.results import KEY_COLUMNS, SUMMARY_COLUMNS, read_summary, results_root
+from fastslow.results import KEY_COLUMNS, REPLICATE_COLUMNS, SUMMARY_COLUMNS, read_summary, replicate_count, results_root
 
 
 def run_profile(run_name: str) -> str:
@@ -66,7 +66,7 @@ def mean_std(table: pd.DataFrame, by: list[str], values: tuple[str, ...] = ("R@1
     frame = pd.DataFrame(
         {v: grouped[v].mean().round(1).astype(str) + " ± " + grouped[v].std(ddof=1).fillna(0).round(1).astype(str) for v in values}
     )
-    frame["seeds"] = grouped["seed"].nunique()
+    frame["seeds"] = grouped[REPLICATE_COLUMNS].apply(replicate_count)
     return frame
 
 def recall_table(rows: pd.DataFrame, picks: dict[str, tuple[str, str]], directions: Sequence[str] = ("t2i", "i2t")) -> pd.DataFrame:

@@ -28,11 +28,11 @@ def ranks_with_recall(r1: float, *, order: int = 0, queries: int = QUERIES) -> n
 
 
 def row(experiment: str, method: str, r1: float, *, variant: str = "", direction: str = "t2i", seed: int = 0,
-        K: int | None = None, ms: float | None = None, dataset: str = "shapes", notebook: str = "02",
+        run_seed: int | None = None, K: int | None = None, ms: float | None = None, dataset: str = "shapes", notebook: str = "02",
         gallery: int = 100, order: int = 0) -> dict:
     ranks = ranks_with_recall(r1, order=order)
     return {"notebook": notebook, "experiment": experiment, "method": method, "variant": variant, "dataset": dataset,
-            "gallery": gallery, "direction": direction, "K": K, "seed": seed, "R@1": r1, "R@1_lo": r1 - 2,
+            "gallery": gallery, "direction": direction, "K": K, "seed": seed, "run_seed": run_seed, "R@1": r1, "R@1_lo": r1 - 2,
             "R@1_hi": r1 + 2, "R@5": r1 + 10, "R@10": r1 + 20, "MdR": 2.0, "queries": len(ranks),
             "ms_per_query": ms, "ranks": ranks}
 
@@ -68,11 +68,11 @@ def test_pairing_tells_a_small_consistent_gain_from_noise(root):
 
 
 def test_seed_spread_widens_the_interval(root):
-    # Slow's seeds disagree (10 and 50): a mean gain of 10 points is within that spread.
-    write("smoke-shapes", [row("headline", "cross_attention", r1, seed=s, notebook="03") for s, r1 in enumerate((10.0, 50.0))]
+    # Slow's runs disagree (10 and 50): a mean gain of 10 points is within that spread.
+    write("smoke-shapes", [row("headline", "cross_attention", r1, run_seed=s, notebook="03") for s, r1 in enumerate((10.0, 50.0))]
           + [row("headline", "dual_encoder", 20.0)])
     assert verdict("RQ1").verdict == INCONCLUSIVE
-    write("smoke-shapes", [row("headline", "cross_attention", 30.0, seed=s, notebook="03") for s in range(2)])
+    write("smoke-shapes", [row("headline", "cross_attention", 30.0, run_seed=s, notebook="03") for s in range(2)])
     assert verdict("RQ1").verdict == REPRODUCED
 
 
@@ -85,8 +85,8 @@ def test_rows_without_ranks_are_not_judged(root):
 @pytest.mark.parametrize(("student", "expected"), [(35.0, REPRODUCED), (20.0, NOT_REPRODUCED)])
 def test_tfs_distillation_is_judged_against_the_control(root, student, expected):
     write("smoke-shapes", [row("headline", "dual_encoder", 10.0)]  # a weak DE must not make the teacher look useful
-          + [row("headline", "control", 30.0, seed=s, notebook="04") for s in range(3)]
-          + [row("headline", "distilled_tfs", student, seed=s, notebook="04") for s in range(3)])
+          + [row("headline", "control", 30.0, run_seed=s, notebook="04") for s in range(3)]
+          + [row("headline", "distilled_tfs", student, run_seed=s, notebook="04") for s in range(3)])
     finding = verdict("RQ2-TFS")
     assert finding.verdict == expected
     assert "control" in finding.explanation and "seeds 3 vs 3" in finding.explanation
@@ -227,8 +227,8 @@ def test_conclusions_and_claims_file_come_from_the_verdicts(root):
 
 def test_speed_accuracy_points_time_the_students_and_draw_each_point_once(root):
     write("smoke-shapes", [row("headline", "dual_encoder", 20.0, ms=2.0),
-                           row("headline", "distilled_tfs", 24.0, seed=0, notebook="04"),
-                           row("headline", "distilled_tfs", 26.0, seed=1, notebook="04"),
+                           row("headline", "distilled_tfs", 24.0, run_seed=0, notebook="04"),
+                           row("headline", "distilled_tfs", 26.0, run_seed=1, notebook="04"),
                            row("headline", "fast_slow", 40.0, K=5, ms=3.0, notebook="05")]
           + k_sweep({1: (20.0, 2.5), 5: (40.0, 3.0), 100: (45.0, 90.0)}, slow=(45.0, 80.0))
           + k_sweep({1: (15.0, 2.5), 5: (30.0, 3.0)}, slow=(35.0, 400.0), gallery=500))
@@ -259,8 +259,27 @@ def test_a_rerun_notebook_leaves_no_row_of_its_previous_run(root):
     run = results.run_dir("smoke-shapes")
     write("smoke-shapes", [row("headline", "dual_encoder", 20.0), row("k_sweep", "fast_slow", 30.0, K=5, notebook="05")])
     old_ranks = set((run / "ranks").iterdir())
-    assert results.forget_notebook(run, "05") == 1
+    assert results.forget_notebook(run, "05", seed=0) == 1
     write("smoke-shapes", [row("k_sweep", "fast_slow", 31.0, K=10, notebook="05")])
     table = results.read_summary(run)
     assert list(table["notebook"]) == ["02", "05"] and table["K"].iloc[1] == 10
     assert len(set((run / "ranks").iterdir()) & old_ranks) == 1  # notebook 05's old ranks file went too
+
+
+def test_a_run_with_another_study_seed_keeps_the_first_seeds_rows(root):
+    # Notebook 04 repeats its students over run seeds; `-p seed 1` must not replace study seed 0's.
+    run = results.run_dir("smoke-shapes")
+    write("smoke-shapes", [row("headline", "distilled_tfs", 30.0, run_seed=s, notebook="04") for s in range(3)])
+    assert results.forget_notebook(run, "04", seed=1) == 0
+    write("smoke-shapes", [row("headline", "distilled_tfs", 20.0, seed=1, run_seed=s, notebook="04") for s in range(3)])
+    table = results.read_summary(run)
+    assert sorted(zip(table["seed"], table["run_seed"])) == [(seed, s) for seed in (0, 1) for s in range(3)]
+    assert summary.mean_std(table, by=["method"])["seeds"].item() == 6
+
+
+def test_claims_compare_methods_under_the_study_seeds_both_ran(root):
+    # Slow under study seed 1 only (far better) must not count against Fast's seed 0.
+    write("smoke-shapes", [row("headline", "dual_encoder", 20.0),
+                           row("headline", "cross_attention", 10.0, notebook="03"),
+                           row("headline", "cross_attention", 90.0, seed=1, notebook="03")])
+    assert verdict("RQ1").verdict == NOT_REPRODUCED
