@@ -185,6 +185,86 @@ def slow_only_query_ms(
         return ms_per_item(run_all, items=len(captions), repeats=repeats)
 
 
+# The stages a query pays for, in the order it pays them.
+QUERY_STAGES = ("encode for Fast", "Fast text tower", "index search", "encode for Slow", "Slow scoring")
+
+
+def query_latency_breakdown(
+    fast_model,
+    index,
+    slow_model,
+    gallery_tokens: torch.Tensor,
+    captions: list[str],
+    *,
+    encode_fast: QueryEncoder,
+    encode_slow: QueryEncoder,
+    ks: Sequence[int],
+    device: str = "cpu",
+    repeats: int = 3,
+) -> pd.DataFrame:
+    """Where a query's time goes: milliseconds per query of each of :data:`QUERY_STAGES`, for Fast
+    (K = 1, no Slow stages), Fast+Slow at each K of ``ks`` and Slow-only (every gallery item
+    scored; no Fast stages). One query at a time on one thread (:func:`one_thread`), each stage
+    timed around its own call; per stage the median over ``repeats`` passes. Columns: method, K,
+    stage, ms_per_query; ``other`` is what the stages leave of the whole query's time."""
+    everyone = torch.arange(len(gallery_tokens))[None]
+
+    def timed_pass(k: int | None, slow: bool) -> dict[str, float]:
+        spent = dict.fromkeys(QUERY_STAGES, 0.0) | {"whole query": 0.0}
+
+        def clock(stage: str, fn: Callable[[], object]):
+            started = time.perf_counter()
+            value = fn()
+            spent[stage] += time.perf_counter() - started
+            return value
+
+        for caption in captions:
+            started = time.perf_counter()
+            candidates = everyone
+            if k is not None:
+                text = clock("encode for Fast", lambda: text_input(encode_fast([caption])).to(device))
+                embedding = clock("Fast text tower", lambda: fast_model.encode_texts(text).cpu())
+                _, ids = clock("index search", lambda: index.search(embedding, k))
+                candidates = torch.as_tensor(ids)
+            if slow:
+                tokens = clock("encode for Slow", lambda: trim_padding(encode_slow([caption])).to(device))
+                clock("Slow scoring", lambda: pair_scores(slow_model, gallery_tokens, tokens, candidates))
+            spent["whole query"] += time.perf_counter() - started
+        return spent
+
+    plans = [("fast", 1, False), *[("fast_slow", k, True) for k in ks], ("slow_only", None, True)]
+    rows = []
+    with one_thread(), torch.no_grad():
+        for method, k, slow in plans:
+            timed_pass(k, slow)  # warm-up
+            passes = [timed_pass(k, slow) for _ in range(repeats)]
+            medians = {stage: 1000.0 * statistics.median(p[stage] for p in passes) / len(captions) for stage in passes[0]}
+            medians["other"] = max(0.0, medians.pop("whole query") - sum(medians[s] for s in QUERY_STAGES))
+            rows += [{"method": method, "K": k if k is not None else len(gallery_tokens), "stage": stage, "ms_per_query": ms}
+                     for stage, ms in medians.items()]
+    return pd.DataFrame(rows)
+
+
+def speed_up_by_k(breakdown: pd.DataFrame) -> pd.DataFrame:
+    """Slow-only time ÷ Fast+Slow time per query at each K of a :func:`query_latency_breakdown`:
+    ``measured``; ``ideal``, if scoring K candidates cost K times the Slow model's cost per pair
+    ``c`` (measured over the whole gallery) and the rest of the query what it measured,
+    ``N c / (rest + K c)``; and ``limit``, N / K, the ratio with nothing but Slow scoring."""
+    totals = breakdown.groupby(["method", "K"])["ms_per_query"].sum()
+    slow_only = breakdown[breakdown["method"] == "slow_only"]
+    gallery = int(slow_only["K"].iloc[0])
+    slow_only_ms = totals["slow_only"].iloc[0]
+    per_pair = slow_only.set_index("stage").loc["Slow scoring", "ms_per_query"] / gallery
+    fast_slow = breakdown[breakdown["method"] == "fast_slow"]
+    scoring = fast_slow[fast_slow["stage"] == "Slow scoring"].set_index("K")["ms_per_query"]
+    rows = []
+    for k, total in totals["fast_slow"].items():
+        rest = total - scoring[k]
+        rows.append({"K": k, "measured": slow_only_ms / total, "ideal": gallery * per_pair / (rest + k * per_pair),
+                     "limit": gallery / k, "fast_slow_ms": total, "slow_scoring_ms": scoring[k], "rest_ms": rest})
+    return pd.DataFrame(rows)
+
+
 def fast_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataFrame:
     """:func:`fastslow.bench.index_scaling` on the dual encoder's test embeddings, cached."""
     key = {"model": fast.config_hash, "rerank": cfg.rerank, "data": cfg.data}

@@ -210,6 +210,41 @@ def scaling(latency: pd.DataFrame, title: str = "per-query latency against galle
     return fig
 
 
+def latency_breakdown(breakdown: pd.DataFrame, speed_up: pd.DataFrame, stages: Sequence[str]):
+    """Where a query's milliseconds go (stacked bars: Fast and Fast+Slow at each K, then Slow-only
+    on its own axis, its bar dwarfs the others) and the speed-up of Fast+Slow over Slow-only by K:
+    measured, ideal (the Slow call costing only its pairs) and the N / K limit.
+
+    ``breakdown``: :func:`fastslow.bench.query_latency_breakdown`; ``speed_up``:
+    :func:`fastslow.bench.speed_up_by_k`; ``stages``: the stage order to stack."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 1, 2.2]})
+    table = breakdown.pivot_table(index=["method", "K"], columns="stage", values="ms_per_query", sort=False)
+    table = table[[*stages, "other"]]
+    colours = dict(zip([*stages, "other"], sns.color_palette("tab10", len(stages) + 1)))
+    for ax, methods in ((axes[0], ["fast", "fast_slow"]), (axes[1], ["slow_only"])):
+        part = table.loc[[m for m in methods if m in table.index.get_level_values("method")]]
+        labels = [{"fast": "Fast", "fast_slow": f"Fast+Slow\nK={k}", "slow_only": f"Slow-only\n{k} items"}[m]
+                  for m, k in part.index]
+        bottom = np.zeros(len(part))
+        for stage in part.columns:
+            ax.bar(labels, part[stage], bottom=bottom, color=colours[stage], label=stage)
+            bottom += part[stage].to_numpy()
+        ax.set_ylabel("milliseconds per query")
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("where a query's time goes")
+    ax = axes[2]
+    ax.plot(speed_up["K"], speed_up["measured"], marker="o", label="measured")
+    ax.plot(speed_up["K"], speed_up["ideal"], linestyle="--", label="ideal: Slow pays only its K pairs")
+    ax.plot(speed_up["K"], speed_up["limit"], linestyle=":", color="grey", label="limit N / K")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="K (candidates re-ranked)", ylabel="speed-up over Slow-only", title="speed-up by K")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def search_results(gallery: CaptionedImages, query: str, results: pd.DataFrame):
     """The top images for one query before (Fast) and after (Fast+Slow) re-ranking."""
     k = len(results)

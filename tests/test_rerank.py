@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -115,6 +117,33 @@ def test_query_latency_includes_encoding_the_typed_caption(monkeypatch):
                              encode_slow=lambda c: encode(c).long(), k=5, repeats=1)
     assert encoded == [c for c in captions for _ in range(2)] * 2  # both models' encoders, per query
     assert set(scored) == {(1, 5)}  # the Slow model scores the Fast top 5 of each query
+
+
+def test_latency_breakdown_times_each_stage_where_it_is_paid(monkeypatch):
+    from fastslow import bench
+    from fastslow.index import VectorIndex
+
+    def slow_scoring(model, gallery, tokens, ids):
+        time.sleep(0.0002 * ids.shape[1])  # 0.2 ms per pair scored
+
+    class Fast:
+        def encode_texts(self, texts):
+            return torch.nn.functional.normalize(texts, dim=-1)
+
+    monkeypatch.setattr(bench, "pair_scores", slow_scoring)
+    index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
+    breakdown = bench.query_latency_breakdown(
+        Fast(), index, None, torch.zeros(50, 1, 1), ["a red circle", "a blue square"],
+        encode_fast=lambda c: torch.ones(len(c), 4), encode_slow=lambda c: torch.ones(len(c), 3).long(),
+        ks=[1, 10], repeats=1)
+    ms = breakdown.set_index(["method", "K", "stage"])["ms_per_query"]
+    assert ms["fast", 1, "Slow scoring"] == 0 and ms["slow_only", 50, "index search"] == 0
+    assert ms["fast_slow", 10, "Slow scoring"] > 5 * ms["fast_slow", 1, "Slow scoring"]
+    assert ms["slow_only", 50, "Slow scoring"] >= 0.2 * 50  # every gallery item scored
+    speed_up = bench.speed_up_by_k(breakdown).set_index("K")
+    assert list(speed_up.index) == [1, 10] and (speed_up["limit"] == [50, 5]).all()
+    # The measured ratio stays below the ideal one, which stays below N / K.
+    assert (speed_up["measured"] <= speed_up["ideal"] * 1.05).all() and (speed_up["ideal"] <= speed_up["limit"]).all()
 
 
 def test_latency_is_timed_on_one_thread_and_the_setting_restored():
