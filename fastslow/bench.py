@@ -1,4 +1,7 @@
-"""Timing, in one place: medians of repeats, because the host sometimes slows down for minutes."""
+"""Timing, in one place: medians of repeats, because the host sometimes slows down for minutes.
+
+Timed calls run under ``torch.inference_mode`` (no autograd bookkeeping at all): a Slow call on
+one candidate took 2.13 ms against 2.33 under ``no_grad`` on shapes."""
 
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ def fast_query_ms(
     backbone), embed it, search the index for its top ``k``. Queries run one at a time, as a
     user's would; the median over ``repeats`` passes is reported."""
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run_all() -> None:
         for caption in captions:
             text = text_input(encode([caption])).to(device)
@@ -156,7 +159,7 @@ def fast_slow_query_ms(
     ids), search the Fast top ``k``, score those ``k`` with the Slow model against the gallery's
     cached visual tokens. One query at a time."""
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run_all() -> None:
         for caption in captions:
             text = text_input(encode_fast([caption])).to(device)
@@ -176,7 +179,7 @@ def slow_only_query_ms(
     gallery image for it (on one thread, as the others: :func:`one_thread`)."""
     everyone = torch.arange(len(gallery_tokens))[None]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run_all() -> None:
         for caption in captions:
             pair_scores(slow_model, gallery_tokens, trim_padding(encode_slow([caption])).to(device), everyone)
@@ -234,7 +237,7 @@ def query_latency_breakdown(
 
     plans = [("fast", 1, False), *[("fast_slow", k, True) for k in ks], ("slow_only", None, True)]
     rows = []
-    with one_thread(), torch.no_grad():
+    with one_thread(), torch.inference_mode():
         for method, k, slow in plans:
             timed_pass(k, slow)  # warm-up
             passes = [timed_pass(k, slow) for _ in range(repeats)]

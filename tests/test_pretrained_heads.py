@@ -103,3 +103,24 @@ def test_the_pretrained_budget_trims_the_slow_ablations_and_a_profile_can_skip_t
     assert max(cfg.rerank.scale_sizes) == 100_000 and max(make_config("quick").rerank.scale_sizes) == 1_000_000
     skipped = evaluation.cross_attention_variants(cfg, None, {"up0": {"upsample_steps": 0}}, np.array([], dtype=np.int64))
     assert skipped == {}, "no variant is trained (data=None would fail) when there are no queries"
+
+
+def test_a_query_runs_minilm_once_for_both_models(monkeypatch):
+    calls = []
+
+    class MiniLM:
+        def __call__(self, captions, max_tokens):
+            calls.append(list(captions))
+            states, mask = torch.ones(len(captions), 3, 4), torch.tensor([[True, True, False]] * len(captions))
+            return dataclasses.make_dataclass("Features", ["pooled", "states", "mask", "ids"])(
+                states.mean(1), states, mask, torch.zeros(len(captions), 3, dtype=torch.long))
+
+    monkeypatch.setattr(stages, "text_backbone", MiniLM)
+    cfg = make_config("smoke", dataset="flickr8k", data_dir="unused", backbone="pretrained")
+    data = stages.Study(cfg, {}, None, {}, {}, {})
+    encode_slow = data.slow_encoder("token_states")
+    for caption in ("a dog runs", "a cat sleeps"):
+        data.fast_texts([caption])
+        states = encode_slow([caption])
+    assert calls == [["a dog runs"], ["a cat sleeps"]]  # one pass per query, both models fed
+    assert states.shape == (1, 3, 4) and states[0, 2].abs().sum() == 0  # zero at padding
