@@ -6,6 +6,7 @@ one candidate took 2.13 ms against 2.33 under ``no_grad`` on shapes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,22 +61,64 @@ def ms_per_item(fn: Callable[[], object], items: int, repeats: int = 5, warmup: 
 QueryEncoder = Callable[[list[str]], torch.Tensor]
 
 
+# The stages a query pays for, in the order it pays them.
+QUERY_STAGES = ("encode for Fast", "Fast text tower", "index search", "encode for Slow", "Slow scoring")
+
+
+def _untimed(stage: str, fn: Callable[[], object]) -> object:
+    return fn()
+
+
+@dataclasses.dataclass
+class _QueryPath:
+    """Everything a typed query goes through, in one place for every timer: turn the caption into
+    the Fast text side's input (``encode_fast``: tokenising, and the frozen MiniLM with the
+    pretrained backbone), embed it, search the index for the top K, turn the caption into what the
+    Slow model reads (``encode_slow``) and score the candidates against the gallery's cached visual
+    tokens. Each stage runs through ``clock(stage, fn)`` (:data:`QUERY_STAGES`)."""
+
+    fast_model: object = None
+    index: object = None
+    slow_model: object = None
+    gallery_tokens: torch.Tensor | None = None
+    encode_fast: QueryEncoder | None = None
+    encode_slow: QueryEncoder | None = None
+    device: str = "cpu"
+
+    def answer(self, caption: str, k: int | None, slow: bool, clock=_untimed) -> None:
+        """Fast's top ``k`` (``k`` None: no Fast stage, every gallery item a candidate), then, if
+        ``slow``, the Slow scores of the candidates."""
+        if k is not None:
+            text = clock("encode for Fast", lambda: text_input(self.encode_fast([caption])).to(self.device))
+            embedding = clock("Fast text tower", lambda: self.fast_model.encode_texts(text).cpu())
+            _, ids = clock("index search", lambda: self.index.search(embedding, k))
+            candidates = torch.as_tensor(ids)
+        else:
+            candidates = torch.arange(len(self.gallery_tokens))[None]
+        if slow:
+            tokens = clock("encode for Slow", lambda: trim_padding(self.encode_slow([caption])).to(self.device))
+            clock("Slow scoring", lambda: pair_scores(self.slow_model, self.gallery_tokens, tokens, candidates))
+
+    def ms_per_query(self, captions: list[str], k: int | None, slow: bool, repeats: int) -> float:
+        """Milliseconds per query, one query at a time on one thread (:func:`one_thread`), as a
+        user's would run; the median over ``repeats`` passes."""
+
+        @torch.inference_mode()
+        def run_all() -> None:
+            for caption in captions:
+                self.answer(caption, k, slow)
+
+        with one_thread():
+            return ms_per_item(run_all, items=len(captions), repeats=repeats)
+
+
 def fast_query_ms(
     model, index, captions: list[str], *, encode: QueryEncoder, device: str = "cpu", k: int = 10, repeats: int = 5
 ) -> float:
-    """Per-query latency of the Fast model, everything a query pays for: turn the typed caption
-    into the text side's input (``encode``: tokenising, and the frozen MiniLM with the pretrained
-    backbone), embed it, search the index for its top ``k``. Queries run one at a time, as a
-    user's would; the median over ``repeats`` passes is reported."""
-
-    @torch.inference_mode()
-    def run_all() -> None:
-        for caption in captions:
-            text = text_input(encode([caption])).to(device)
-            index.search(model.encode_texts(text).cpu(), k)
-
-    with one_thread():
-        return ms_per_item(run_all, items=len(captions), repeats=repeats)
+    """Per-query latency of the Fast model, everything a query pays for: encode the typed caption
+    (``encode``), embed it, search the index for its top ``k`` (:class:`_QueryPath`)."""
+    path = _QueryPath(fast_model=model, index=index, encode_fast=encode, device=device)
+    return path.ms_per_query(captions, k, slow=False, repeats=repeats)
 
 
 def filler_vectors(real: torch.Tensor, count: int, seed: int) -> np.ndarray:
@@ -155,41 +198,20 @@ def fast_slow_query_ms(
     repeats: int = 3,
 ) -> float:
     """Per-query latency of Fast+Slow, everything a query pays for: encode the typed caption for
-    both models (``encode_fast`` as in :func:`fast_query_ms`, ``encode_slow``: the Slow model's word
-    ids), search the Fast top ``k``, score those ``k`` with the Slow model against the gallery's
-    cached visual tokens. One query at a time."""
-
-    @torch.inference_mode()
-    def run_all() -> None:
-        for caption in captions:
-            text = text_input(encode_fast([caption])).to(device)
-            _, ids = index.search(fast_model.encode_texts(text).cpu(), k)
-            tokens = trim_padding(encode_slow([caption])).to(device)
-            pair_scores(slow_model, gallery_tokens, tokens, torch.as_tensor(ids))
-
-    with one_thread():
-        return ms_per_item(run_all, items=len(captions), repeats=repeats)
+    both models, search the Fast top ``k``, score those ``k`` with the Slow model against the
+    gallery's cached visual tokens (:class:`_QueryPath`)."""
+    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
+    return path.ms_per_query(captions, k, slow=True, repeats=repeats)
 
 
 def slow_only_query_ms(
     slow_model, gallery_tokens: torch.Tensor, captions: list[str], *, encode_slow: QueryEncoder, device: str = "cpu",
     repeats: int = 3,
 ) -> float:
-    """Per-query latency of the Slow model alone: tokenise the typed caption and score every
-    gallery image for it (on one thread, as the others: :func:`one_thread`)."""
-    everyone = torch.arange(len(gallery_tokens))[None]
-
-    @torch.inference_mode()
-    def run_all() -> None:
-        for caption in captions:
-            pair_scores(slow_model, gallery_tokens, trim_padding(encode_slow([caption])).to(device), everyone)
-
-    with one_thread():
-        return ms_per_item(run_all, items=len(captions), repeats=repeats)
-
-
-# The stages a query pays for, in the order it pays them.
-QUERY_STAGES = ("encode for Fast", "Fast text tower", "index search", "encode for Slow", "Slow scoring")
+    """Per-query latency of the Slow model alone: encode the typed caption and score every
+    gallery image for it (:class:`_QueryPath`)."""
+    path = _QueryPath(slow_model=slow_model, gallery_tokens=gallery_tokens, encode_slow=encode_slow, device=device)
+    return path.ms_per_query(captions, None, slow=True, repeats=repeats)
 
 
 def query_latency_breakdown(
@@ -210,7 +232,7 @@ def query_latency_breakdown(
     scored; no Fast stages). One query at a time on one thread (:func:`one_thread`), each stage
     timed around its own call; per stage the median over ``repeats`` passes. Columns: method, K,
     stage, ms_per_query; ``other`` is what the stages leave of the whole query's time."""
-    everyone = torch.arange(len(gallery_tokens))[None]
+    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
 
     def timed_pass(k: int | None, slow: bool) -> dict[str, float]:
         spent = dict.fromkeys(QUERY_STAGES, 0.0) | {"whole query": 0.0}
@@ -223,15 +245,7 @@ def query_latency_breakdown(
 
         for caption in captions:
             started = time.perf_counter()
-            candidates = everyone
-            if k is not None:
-                text = clock("encode for Fast", lambda: text_input(encode_fast([caption])).to(device))
-                embedding = clock("Fast text tower", lambda: fast_model.encode_texts(text).cpu())
-                _, ids = clock("index search", lambda: index.search(embedding, k))
-                candidates = torch.as_tensor(ids)
-            if slow:
-                tokens = clock("encode for Slow", lambda: trim_padding(encode_slow([caption])).to(device))
-                clock("Slow scoring", lambda: pair_scores(slow_model, gallery_tokens, tokens, candidates))
+            path.answer(caption, k, slow, clock)
             spent["whole query"] += time.perf_counter() - started
         return spent
 
