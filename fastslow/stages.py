@@ -394,15 +394,17 @@ def trained_slow_candidates(cfg: StudyConfig, data: Study) -> dict[str, Trained]
     }
 
 
-def best_slow_model(cfg: StudyConfig, data: Study) -> tuple[str, Trained]:
+def best_slow_model(
+    cfg: StudyConfig, data: Study, candidates: dict[str, Trained] | None = None
+) -> tuple[str, Trained]:
     """The Slow model the study uses downstream (re-ranking, teacher), and the name of its kind:
     the candidate with the best validation RSUM on the ablations' budget
     (:func:`trained_slow_candidates`), trained again on the full budget ``cfg.train_cross``.
 
     Choosing on the smaller budget lets every kind be tried at a fraction of the cost of the full
     one (on Flickr8k a captioning epoch costs several matching ones), and only the chosen kind pays
-    for the full budget."""
-    candidates = trained_slow_candidates(cfg, data)
+    for the full budget. ``candidates``: :func:`trained_slow_candidates`, when the caller has them."""
+    candidates = candidates or trained_slow_candidates(cfg, data)
     best = max(candidates, key=lambda name: best_validation_score(candidates[name]))
     return best, train_or_load_cross_attention(cfg, data, **slow_candidates(cfg)[best])
 
