@@ -120,19 +120,23 @@ def test_cached_visual_tokens_score_like_recomputed_ones(shapes):
         torch.testing.assert_close(cached[q : q + 1], recomputed, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("candidates", ["everyone", "a few each"])
 @torch.no_grad()
-def test_gallery_keys_values_follow_the_weights(shapes):
+def test_gallery_keys_values_follow_the_weights(shapes, candidates):
     splits, tokenizer = shapes
     test = splits["test"]
     model = tiny_model(tokenizer)
     gallery = visual_tokens(model, test.images)
     captions = tokenizer.encode(test.captions[:2])
-    everyone = torch.arange(len(test)).expand(2, len(test))
-    before = pair_scores(model, gallery, captions, everyone)  # projects and keeps the gallery's keys
+    if candidates == "everyone":
+        candidates = torch.arange(len(test)).expand(2, len(test))
+    else:  # a Fast+Slow query's top K reads the same kept keys and values
+        candidates = torch.tensor([[4, 0, 9], [2, 2, 7]])
+    before = pair_scores(model, gallery, captions, candidates)  # projects and keeps the gallery's keys
     model.decoders["left_to_right"].layers[0].cross_key_value.weight.mul_(3.0)
-    after = pair_scores(model, gallery, captions, everyone)
+    after = pair_scores(model, gallery, captions, candidates)
     assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, pair_scores(model, visual_tokens(model, test.images), captions, everyone))
+    torch.testing.assert_close(after, pair_scores(model, visual_tokens(model, test.images), captions, candidates))
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
