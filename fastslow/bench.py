@@ -71,11 +71,11 @@ def _untimed(stage: str, fn: Callable[[], object]) -> object:
 
 @dataclasses.dataclass
 class _QueryPath:
-    """Everything a typed query goes through, in one place for every timer: turn the caption into
+    """Everything typed queries go through, in one place for every timer: turn the captions into
     the Fast text side's input (``encode_fast``: tokenising, and the frozen MiniLM with the
-    pretrained backbone), embed it, search the index for the top K, turn the caption into what the
-    Slow model reads (``encode_slow``) and score the candidates against the gallery's cached visual
-    tokens. Each stage runs through ``clock(stage, fn)`` (:data:`QUERY_STAGES`)."""
+    pretrained backbone), embed them, search the index for each one's top K, turn the captions into
+    what the Slow model reads (``encode_slow``) and score the candidates against the gallery's
+    cached visual tokens. Each stage runs through ``clock(stage, fn)`` (:data:`QUERY_STAGES`)."""
 
     fast_model: object = None
     index: object = None
@@ -85,18 +85,18 @@ class _QueryPath:
     encode_slow: QueryEncoder | None = None
     device: str = "cpu"
 
-    def answer(self, caption: str, k: int | None, slow: bool, clock=_untimed) -> None:
-        """Fast's top ``k`` (``k`` None: no Fast stage, every gallery item a candidate), then, if
-        ``slow``, the Slow scores of the candidates."""
+    def answer(self, captions: list[str], k: int | None, slow: bool, clock=_untimed) -> None:
+        """Fast's top ``k`` of each caption (``k`` None: no Fast stage, every gallery item a
+        candidate), then, if ``slow``, the Slow scores of the candidates."""
         if k is not None:
-            text = clock("encode for Fast", lambda: text_input(self.encode_fast([caption])).to(self.device))
-            embedding = clock("Fast text tower", lambda: self.fast_model.encode_texts(text).cpu())
-            _, ids = clock("index search", lambda: self.index.search(embedding, k))
+            text = clock("encode for Fast", lambda: text_input(self.encode_fast(captions)).to(self.device))
+            embeddings = clock("Fast text tower", lambda: self.fast_model.encode_texts(text).cpu())
+            _, ids = clock("index search", lambda: self.index.search(embeddings, k))
             candidates = torch.as_tensor(ids)
         else:
-            candidates = torch.arange(len(self.gallery_tokens))[None]
+            candidates = torch.arange(len(self.gallery_tokens)).expand(len(captions), -1)
         if slow:
-            tokens = clock("encode for Slow", lambda: trim_padding(self.encode_slow([caption])).to(self.device))
+            tokens = clock("encode for Slow", lambda: trim_padding(self.encode_slow(captions)).to(self.device))
             clock("Slow scoring", lambda: pair_scores(self.slow_model, self.gallery_tokens, tokens, candidates))
 
     def ms_per_query(self, captions: list[str], k: int | None, slow: bool, repeats: int) -> float:
@@ -106,10 +106,21 @@ class _QueryPath:
         @torch.inference_mode()
         def run_all() -> None:
             for caption in captions:
-                self.answer(caption, k, slow)
+                self.answer([caption], k, slow)
 
         with one_thread():
             return ms_per_item(run_all, items=len(captions), repeats=repeats)
+
+    def queries_per_second(self, captions: list[str], k: int | None, slow: bool, batch: int, repeats: int) -> float:
+        """Queries answered per second, ``batch`` queries at a time on every core (torch's and
+        FAISS's threads as they are): a service's throughput; the median over ``repeats`` passes."""
+
+        @torch.inference_mode()
+        def run_all() -> None:
+            for start in range(0, len(captions), batch):
+                self.answer(captions[start : start + batch], k, slow)
+
+        return 1000.0 / ms_per_item(run_all, items=len(captions), repeats=repeats)
 
 
 def fast_query_ms(
@@ -245,7 +256,7 @@ def query_latency_breakdown(
 
         for caption in captions:
             started = time.perf_counter()
-            path.answer(caption, k, slow, clock)
+            path.answer([caption], k, slow, clock)
             spent["whole query"] += time.perf_counter() - started
         return spent
 
@@ -259,6 +270,39 @@ def query_latency_breakdown(
             medians["other"] = max(0.0, medians.pop("whole query") - sum(medians[s] for s in QUERY_STAGES))
             rows += [{"method": method, "K": k if k is not None else len(gallery_tokens), "stage": stage, "ms_per_query": ms}
                      for stage, ms in medians.items()]
+    return pd.DataFrame(rows)
+
+
+def throughput(
+    fast_model,
+    index,
+    slow_model,
+    gallery_tokens: torch.Tensor,
+    captions: list[str],
+    *,
+    encode_fast: QueryEncoder,
+    encode_slow: QueryEncoder,
+    k: int,
+    batch: int,
+    device: str = "cpu",
+    repeats: int = 3,
+) -> pd.DataFrame:
+    """Queries per second of Fast, Fast+Slow at ``k`` and Slow-only, one query at a time on one
+    thread (what :func:`fast_query_ms` and friends time) and ``batch`` queries at a time on every
+    core (:meth:`_QueryPath.queries_per_second`). Columns: method, K, batch, threads,
+    queries_per_second."""
+    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
+    plans = [("fast", k, False), ("fast_slow", k, True), ("slow_only", None, True)]
+    rows = []
+    for method, plan_k, slow in plans:
+        one_at_a_time = 1000.0 / path.ms_per_query(captions, plan_k, slow, repeats)
+        batched = path.queries_per_second(captions, plan_k, slow, batch, repeats)
+        shown_k = plan_k if plan_k is not None else len(gallery_tokens)
+        rows += [
+            {"method": method, "K": shown_k, "batch": 1, "threads": 1, "queries_per_second": one_at_a_time},
+            {"method": method, "K": shown_k, "batch": batch, "threads": torch.get_num_threads(),
+             "queries_per_second": batched},
+        ]
     return pd.DataFrame(rows)
 
 
@@ -299,10 +343,13 @@ def fast_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataF
     )
 
 
-def latency_by_gallery_size(scaling: pd.DataFrame, slow_ms_per_pair: float, k: int, fast_slow_ms: float) -> pd.DataFrame:
-    """Per-query latency by gallery size: each index measured; Slow-only measured at the real
-    gallery and extrapolated (cost per pair x size) beyond it; Fast+Slow from measured parts (HNSW
-    search at that size + the measured encode-and-score-K cost at the real gallery)."""
+def latency_by_gallery_size(
+    scaling: pd.DataFrame, slow_ms_per_pair: float, k: int, fast_slow_ms: float, slow_only_ms: dict[int, float]
+) -> pd.DataFrame:
+    """Per-query latency by gallery size: each index measured; Slow-only measured where
+    ``slow_only_ms`` ({gallery size: ms per query}) has it and extrapolated (cost per pair x size)
+    at the other sizes; Fast+Slow from measured parts (HNSW search at that size + the measured
+    encode-and-score-K cost at the real gallery)."""
     rows = [
         {"method": f"Fast ({r.index})", "gallery_size": r.gallery_size, "ms_per_query": r.ms_per_query, "measured": True}
         for r in scaling.itertuples()
@@ -313,8 +360,9 @@ def latency_by_gallery_size(scaling: pd.DataFrame, slow_ms_per_pair: float, k: i
     for r in scaling[scaling["index"] == "HNSW"].itertuples():
         rows.append({"method": f"Fast+Slow (HNSW, K={k})", "gallery_size": r.gallery_size,
                      "ms_per_query": r.ms_per_query + encode_and_rerank, "measured": r.gallery_size == real_size})
-    for size in sorted(scaling["gallery_size"].unique()):
-        rows.append({"method": "Slow only", "gallery_size": size, "ms_per_query": slow_ms_per_pair * size, "measured": size == real_size})
+    for size in sorted(set(scaling["gallery_size"]) | set(slow_only_ms)):
+        rows.append({"method": "Slow only", "gallery_size": size, "ms_per_query": slow_only_ms.get(size, slow_ms_per_pair * size),
+                     "measured": size in slow_only_ms})
     return pd.DataFrame(rows)
 
 

@@ -60,8 +60,13 @@ class VectorIndex:
         return self.index.ntotal
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, ids) per query, best first."""
+        """Top-``k`` (scores, ids) per query, best first. HNSW explores at least ``k`` candidates
+        (its ``efSearch`` raised to ``k`` for this search): with fewer it can return fewer than
+        ``k`` items, padded with id −1."""
         k = min(k, len(self))
+        hnsw = getattr(self.index, "hnsw", None)
+        if hnsw is not None and k > hnsw.efSearch:
+            return self.index.search(_float32(queries), k, params=faiss.SearchParametersHNSW(efSearch=k))
         return self.index.search(_float32(queries), k)
 
     def save(self, path: str | Path) -> None:

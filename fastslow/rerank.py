@@ -15,17 +15,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from fastslow import metrics
 from fastslow.batches import headline_queries
 from fastslow.bench import fast_slow_query_ms, slow_only_query_ms
-from fastslow.config import StudyConfig, config_hash
+from fastslow.config import LargerGallery, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, make_shapes
 from fastslow.evaluation import cached_slow_scores
 from fastslow.index import VectorIndex
 from fastslow.inputs import FeatureImages
 from fastslow.models.cross_attention import pair_scores, visual_tokens
-from fastslow.models.dual_encoder import embed_images
+from fastslow.models.dual_encoder import embed_images, embed_texts
 from fastslow.scoring import dual_encoder_scores
 from fastslow.stages import Study, Trained
 
@@ -141,11 +142,20 @@ def lookup_scorer(matrix: torch.Tensor) -> SlowScorer:
 
 
 def fast_slow_sweep(
-    fast_scores: torch.Tensor, slow_scores: torch.Tensor, split: CaptionedImages, queries: np.ndarray, ks: list[int], alpha: float
+    fast_scores: torch.Tensor,
+    slow_scores: torch.Tensor,
+    split: CaptionedImages,
+    queries: np.ndarray,
+    ks: list[int],
+    alpha: float,
+    text_to_image_scores: torch.Tensor | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Metrics of Fast+Slow at each K, both directions (text-to-image re-ranks the Fast top-K
-    images of each caption; image-to-text the top-K query captions of each image)."""
-    text_to_image = Reranker(fast_scores, lookup_scorer(slow_scores), max(ks))
+    images of each caption; image-to-text the top-K query captions of each image).
+    ``text_to_image_scores``: what text-to-image search ranks by where it is not ``fast_scores``
+    (an approximate index's scores, :func:`index_scores`)."""
+    t2i_scores = fast_scores if text_to_image_scores is None else text_to_image_scores
+    text_to_image = Reranker(t2i_scores, lookup_scorer(slow_scores), max(ks))
     image_to_text = Reranker(fast_scores.T, lookup_scorer(slow_scores.T), max(ks))
     sweep = {}
     for k in ks:
@@ -213,18 +223,18 @@ def choose_rerank_k(validation: RerankValidation, alpha: float, tolerance: float
     return chosen, pd.DataFrame({"K": [*ks, gallery], "validation t2i R@1": [*r1.values(), slow_r1]})
 
 
-def large_gallery(cfg: StudyConfig, data: Study) -> tuple[CaptionedImages, torch.Tensor, np.ndarray] | None:
-    """A second, larger test gallery of ``cfg.rerank.large_gallery`` shapes images (its own seed,
-    never trained on), its tokenised captions and its query set; None for datasets without one
-    (and for the pretrained backbone, whose features exist only for the study's splits)."""
+def large_gallery(cfg: StudyConfig, data: Study, spec: LargerGallery) -> tuple[CaptionedImages, torch.Tensor, np.ndarray] | None:
+    """A larger test gallery of ``spec.size`` shapes images (its own seed, never trained on), its
+    tokenised captions and its query set; None for datasets without one (and for the pretrained
+    backbone, whose features exist only for the study's splits)."""
     if cfg.data.dataset != "shapes" or cfg.dual.encoder.backbone != "tiny":
         return None
     gallery = make_shapes(
-        1, 1, cfg.rerank.large_gallery, image_size=cfg.data.image_size,
+        1, 1, spec.size, image_size=cfg.data.image_size,
         captions_per_image=cfg.data.captions_per_image, seed=cfg.data.seed + 1000,
     )["test"]
     tokens = data.tokenizer.encode(gallery.captions, max_len=cfg.dual.encoder.max_caption_tokens)
-    queries = headline_queries(gallery, 1)[: cfg.rerank.large_gallery_queries]
+    queries = headline_queries(gallery, 1)[: spec.queries]
     return gallery, tokens, queries
 
 
@@ -234,25 +244,76 @@ def fast_index(fast: Trained, visual: np.ndarray | FeatureImages, device: str, f
 
 
 def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained, alpha: float) -> list[dict[str, Any]]:
-    """The K sweep and the speed-up on :func:`large_gallery`: per K, Fast+Slow's metrics and
-    latency (``method`` fast_slow), and the Slow model alone over the whole gallery (``method``
-    cross_attention, K None), ready for :meth:`fastslow.notebook.Session.record_metrics`; nothing
-    where there is no larger gallery. Its K values are the test sweep's, so the K chosen on
-    validation is among them."""
-    if (larger := large_gallery(cfg, data)) is None:
-        return []
-    gallery, tokens, queries = larger
-    fast_scores = dual_encoder_scores(fast.model, gallery.images, tokens, cfg.device)[queries]
+    """The K sweep and the speed-up on each of ``cfg.rerank.larger_galleries``
+    (:func:`large_gallery`): per K, Fast+Slow's metrics and latency (``method`` fast_slow), and
+    the Slow model alone over the whole gallery (``method`` cross_attention, K None), ready for
+    :meth:`fastslow.notebook.Session.record_metrics`; nothing where there is no larger gallery.
+    Its K values are the test sweep's, so the K chosen on validation is among them. Each gallery's
+    index is its ``index``; text-to-image accuracy is computed on what that index returns."""
+    measured = []
+    for spec in tqdm(cfg.rerank.larger_galleries, desc="larger galleries"):
+        if (larger := large_gallery(cfg, data, spec)) is None:
+            return []
+        measured += _gallery_sweep(cfg, data, fast, slow, alpha, spec, *larger)
+    return measured
+
+
+def index_scores(index: VectorIndex, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """``(Q, N)`` scores as a search of the top ``k`` sees them: the items the index returned for
+    a query score what it returned, every other item −inf (ranked after them, by id). An
+    approximate index may return fewer than ``k`` (FAISS pads with id −1)."""
+    found_scores, found_ids = (torch.as_tensor(a) for a in index.search(queries, k))
+    found = found_ids >= 0
+    scores = torch.full((len(queries), len(index) + 1), float("-inf"))
+    # Padding goes to a spare last column, dropped after.
+    scores.scatter_(1, torch.where(found, found_ids.long(), len(index)), torch.where(found, found_scores.float(), float("-inf")))
+    return scores[:, :-1]
+
+
+def _gallery_sweep(cfg, data, fast, slow, alpha, spec, gallery, tokens, queries) -> list[dict[str, Any]]:
+    # The queries' rows only: every caption of 100,000 images against them would take 200 GB.
+    fast_scores = dual_encoder_scores(fast.model, gallery.images, tokens[torch.as_tensor(queries)], cfg.device)
     slow_scores = cached_slow_scores(slow, gallery.images, tokens, queries, cfg.device, name=f"large-{cfg.data.seed + 1000}")
     ks = k_values(len(gallery))
-    index = fast_index(fast, gallery.images, cfg.device)
+    index = fast_index(fast, gallery.images, cfg.device, spec.index)
+    # An approximate index ranks text-to-image search by what it returns (image-to-text has no
+    # index here and keeps the exact scores).
+    searched = None
+    if spec.index != "Flat":
+        query_embeddings = embed_texts(fast.model, tokens[torch.as_tensor(queries)], cfg.device)
+        searched = index_scores(index, query_embeddings, max(ks[:-1]))
     visual = visual_tokens(slow.model, gallery.images, cfg.device)
     captions = [gallery.captions[q] for q in queries[: cfg.rerank.latency_queries]]
-    slow_ms = slow_only_query_ms(slow.model, visual, captions, encode_slow=data.slow_encoder(slow.model.reads), device=cfg.device)
+    encode_slow = data.slow_encoder(slow.model.reads)
+    slow_ms = slow_only_query_ms(slow.model, visual, captions[: spec.slow_only_latency_queries], encode_slow=encode_slow, device=cfg.device)
     measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),
                  "ms_per_query": slow_ms}]
-    for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks[:-1], alpha).items():
+    for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks[:-1], alpha, searched).items():
         ms = fast_slow_query_ms(fast.model, index, slow.model, visual, captions, encode_fast=data.fast_texts,
-                                encode_slow=data.slow_encoder(slow.model.reads), k=k, device=cfg.device)
+                                encode_slow=encode_slow, k=k, device=cfg.device)
         measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": ms})
     return measured
+
+
+def speed_up_at_parity(t2i_rows: pd.DataFrame, points: float = 1.0) -> pd.DataFrame:
+    """Per gallery of a K sweep (text-to-image rows with columns gallery, method, K, R@1 and
+    ms_per_query; ``cross_attention`` rows are the Slow model alone): the smallest K whose
+    Fast+Slow R@1 is within ``points`` of Slow-only's, its speed-up over Slow-only per query, and
+    that as a share of the limit N / K (what the speed-up would be if a query paid for Slow
+    scoring alone). A gallery where no K gets that close has no row."""
+    rows = []
+    for gallery, group in t2i_rows.groupby("gallery"):
+        slow_only = group[group["method"] == "cross_attention"]
+        fast_slow = group[(group["method"] == "fast_slow") & (group["K"] < gallery)].sort_values("K")
+        if slow_only.empty or fast_slow.empty:
+            continue
+        slow_r1, slow_ms = slow_only["R@1"].iloc[0], slow_only["ms_per_query"].iloc[0]
+        close = fast_slow[fast_slow["R@1"] >= slow_r1 - points]
+        if close.empty:
+            continue
+        at = close.iloc[0]
+        speed_up = slow_ms / at["ms_per_query"]
+        rows.append({"gallery": int(gallery), "Slow-only R@1": slow_r1, "K": int(at["K"]), "Fast+Slow R@1": at["R@1"],
+                     "Slow-only ms": slow_ms, "Fast+Slow ms": at["ms_per_query"], "speed-up": speed_up,
+                     "limit N/K": gallery / at["K"], "share of limit": speed_up * at["K"] / gallery})
+    return pd.DataFrame(rows)

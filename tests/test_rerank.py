@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fastslow import metrics
@@ -146,6 +147,28 @@ def test_latency_breakdown_times_each_stage_where_it_is_paid(monkeypatch):
     assert (speed_up["measured"] <= speed_up["ideal"] * 1.05).all() and (speed_up["ideal"] <= speed_up["limit"]).all()
 
 
+def test_throughput_answers_a_batch_of_queries_in_one_call(monkeypatch):
+    from fastslow import bench
+    from fastslow.index import VectorIndex
+
+    class Fast:
+        def encode_texts(self, texts):
+            return torch.nn.functional.normalize(texts, dim=-1)
+
+    scored = []
+    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append((len(tokens), *ids.shape)))
+    index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
+    table = bench.throughput(
+        Fast(), index, None, torch.zeros(50, 1, 1), [f"caption {i}" for i in range(5)],
+        encode_fast=lambda c: torch.randn(len(c), 4), encode_slow=lambda c: torch.ones(len(c), 3).long(),
+        k=5, batch=2, repeats=1)
+    # Batches of 2, 2 and 1 queries: each batch's tokens and top 5 (or whole gallery) in one call.
+    assert {(2, 2, 5), (1, 1, 5), (2, 2, 50), (1, 1, 50)} <= set(scored)
+    assert set(table["method"]) == {"fast", "fast_slow", "slow_only"} and set(table["batch"]) == {1, 2}
+    assert (table["queries_per_second"] > 0).all()
+    assert table.set_index(["method", "batch"])["K"].to_dict()[("slow_only", 2)] == 50
+
+
 def test_latency_is_timed_on_one_thread_and_the_setting_restored():
     from fastslow import bench
 
@@ -178,3 +201,42 @@ def test_k_is_the_cheapest_depth_near_the_best_on_validation():
     weak = {k: {1: 20.0, 2: 22.5, 5: 23.0}.get(k, 22.0) for k in ks}
     chosen, _ = choose_rerank_k(_ValidationByK(weak, slow_r1=5.0, gallery=30), alpha=0.0)
     assert chosen == 2
+
+
+def test_speed_up_at_parity_takes_the_smallest_k_within_a_point_of_slow_only():
+    from fastslow.rerank import speed_up_at_parity
+
+    rows = pd.DataFrame(
+        [{"gallery": 1000, "method": "cross_attention", "K": None, "R@1": 40.0, "ms_per_query": 50.0}]
+        + [{"gallery": 1000, "method": "fast_slow", "K": k, "R@1": r, "ms_per_query": ms}
+           for k, r, ms in ((1, 20.0, 1.0), (10, 38.9, 0.5), (20, 39.0, 2.0), (1000, 40.0, 60.0))]
+        + [{"gallery": 5000, "method": "cross_attention", "K": None, "R@1": 15.0, "ms_per_query": 300.0},
+           {"gallery": 5000, "method": "fast_slow", "K": 10, "R@1": 12.0, "ms_per_query": 3.0}]
+    )
+    table = speed_up_at_parity(rows).set_index("gallery")
+    assert list(table.index) == [1000]  # no K of the 5000 gallery gets within a point
+    assert table.loc[1000, "K"] == 20 and table.loc[1000, "speed-up"] == 25.0
+    assert table.loc[1000, "limit N/K"] == 50.0 and table.loc[1000, "share of limit"] == 0.5
+
+
+def test_index_scores_keep_what_the_search_returned_and_rank_the_rest_last():
+    from fastslow.index import VectorIndex
+    from fastslow.rerank import index_scores
+
+    gallery = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    queries = gallery[:3] + 0.01
+    scores = index_scores(VectorIndex.build(gallery, "Flat"), queries, k=4)
+    exact = queries @ gallery.T
+    top = exact.topk(4).indices
+    assert torch.isfinite(scores).sum(1).tolist() == [4, 4, 4]
+    torch.testing.assert_close(scores.gather(1, top), exact.gather(1, top))
+    assert (scores.argsort(1, descending=True)[:, :4].sort(1).values == top.sort(1).values).all()
+
+
+def test_an_hnsw_search_returns_as_many_items_as_asked():
+    from fastslow.index import VectorIndex
+
+    gallery = torch.nn.functional.normalize(torch.randn(2000, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    index = VectorIndex.build(gallery, "HNSW16", hnsw_ef_search=16)
+    _, ids = index.search(gallery[:3], 300)  # more than efSearch: FAISS alone pads with -1
+    assert ids.shape == (3, 300) and (ids >= 0).all() and all(len(set(row)) == 300 for row in ids.tolist())
