@@ -214,7 +214,9 @@ def check_reranking(rows: pd.DataFrame) -> Finding:
     """RQ3, per gallery of notebook 05's K sweep, at the K chosen on validation (the headline
     fast_slow row's K): accuracy = Fast+Slow − Fast (K = 1 re-ranks nothing), paired; speed =
     Slow-only ÷ Fast+Slow ms per query, ≥ 100x. How far Fast+Slow stays from Slow-only is shown
-    with its interval. The verdict is the one at the largest gallery (the claim is about scale)."""
+    with its interval. The verdict is the one at the largest gallery (the claim is about scale)
+    where the Slow model alone has accuracy to reach (its R@1 interval above 0): where it ranks no
+    query's own image first, as in 100,000 near-duplicate shapes scenes, a gallery shows speed only."""
     k = headline_k(rows)
     galleries = sorted(rows[rows["experiment"] == "k_sweep"]["gallery"].dropna().unique())
     if k is None or not galleries:
@@ -229,14 +231,16 @@ def check_reranking(rows: pd.DataFrame) -> Finding:
             continue
         speed_up = slow_ms / fast_slow_ms
         found.append({"gallery": int(gallery), "K": k, "Fast+Slow − Fast": gain, "Fast+Slow − Slow": gap, "speed-up": speed_up,
-                      "verdict": combine_verdicts([gain.verdict, speed_verdict(speed_up, ORDERS_OF_MAGNITUDE)])})
+                      "verdict": combine_verdicts([gain.verdict, speed_verdict(speed_up, ORDERS_OF_MAGNITUDE)]),
+                      "judged": bool(slow.rows(rows)["R@1_lo"].mean() > 0)})
     if not found:
         return Finding(pd.DataFrame(), NOT_RUN, f"Needs k_sweep rows with ranks at K = {k}, K = 1 and Slow-only.")
     table = pd.DataFrame([{"gallery": f["gallery"], "K": f["K"],
                            **{f"{name} [low, high]": f"{f[name].mean:+.1f} [{f[name].lo:+.1f}, {f[name].hi:+.1f}]"
                               for name in ("Fast+Slow − Fast", "Fast+Slow − Slow")},
-                           "speed-up": round(f["speed-up"], 1), "verdict": f["verdict"]} for f in found]).set_index("gallery")
-    largest = found[-1]
+                           "speed-up": round(f["speed-up"], 1), "verdict": f["verdict"] if f["judged"] else "speed only"}
+                          for f in found]).set_index("gallery")
+    largest = ([f for f in found if f["judged"]] or found)[-1]
     explanation = (f"On the {largest['gallery']}-item gallery at K = {k} (chosen on validation): "
                    + describe("Fast+Slow", "Fast", largest["Fast+Slow − Fast"]) + "; "
                    + describe("Fast+Slow", "Slow-only", largest["Fast+Slow − Slow"])

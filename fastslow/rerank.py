@@ -300,7 +300,8 @@ def speed_up_at_parity(t2i_rows: pd.DataFrame, points: float = 1.0) -> pd.DataFr
     ms_per_query; ``cross_attention`` rows are the Slow model alone): the smallest K whose
     Fast+Slow R@1 is within ``points`` of Slow-only's, its speed-up over Slow-only per query, and
     that as a share of the limit N / K (what the speed-up would be if a query paid for Slow
-    scoring alone). A gallery where no K gets that close has no row."""
+    scoring alone). A gallery where no K gets that close has no row, nor one where the Slow
+    model alone has no accuracy to reach (its R@1 interval touches 0: every K is "within a point")."""
     rows = []
     for gallery, group in t2i_rows.groupby("gallery"):
         slow_only = group[group["method"] == "cross_attention"]
@@ -308,6 +309,8 @@ def speed_up_at_parity(t2i_rows: pd.DataFrame, points: float = 1.0) -> pd.DataFr
         if slow_only.empty or fast_slow.empty:
             continue
         slow_r1, slow_ms = slow_only["R@1"].iloc[0], slow_only["ms_per_query"].iloc[0]
+        if not slow_only["R@1_lo"].iloc[0] > 0:
+            continue
         close = fast_slow[fast_slow["R@1"] >= slow_r1 - points]
         if close.empty:
             continue

@@ -207,11 +207,14 @@ def test_speed_up_at_parity_takes_the_smallest_k_within_a_point_of_slow_only():
     from fastslow.rerank import speed_up_at_parity
 
     rows = pd.DataFrame(
-        [{"gallery": 1000, "method": "cross_attention", "K": None, "R@1": 40.0, "ms_per_query": 50.0}]
+        [{"gallery": 1000, "method": "cross_attention", "K": None, "R@1": 40.0, "R@1_lo": 37.0, "ms_per_query": 50.0}]
         + [{"gallery": 1000, "method": "fast_slow", "K": k, "R@1": r, "ms_per_query": ms}
            for k, r, ms in ((1, 20.0, 1.0), (10, 38.9, 0.5), (20, 39.0, 2.0), (1000, 40.0, 60.0))]
-        + [{"gallery": 5000, "method": "cross_attention", "K": None, "R@1": 15.0, "ms_per_query": 300.0},
+        + [{"gallery": 5000, "method": "cross_attention", "K": None, "R@1": 15.0, "R@1_lo": 10.0, "ms_per_query": 300.0},
            {"gallery": 5000, "method": "fast_slow", "K": 10, "R@1": 12.0, "ms_per_query": 3.0}]
+        # Slow-only never ranks the right image first: K = 1 would be "within a point" for nothing.
+        + [{"gallery": 10**5, "method": "cross_attention", "K": None, "R@1": 0.0, "R@1_lo": 0.0, "ms_per_query": 6e3},
+           {"gallery": 10**5, "method": "fast_slow", "K": 1, "R@1": 0.0, "ms_per_query": 3.0}]
     )
     table = speed_up_at_parity(rows).set_index("gallery")
     assert list(table.index) == [1000]  # no K of the 5000 gallery gets within a point

@@ -146,6 +146,16 @@ def test_reranking_verdict_comes_from_the_largest_gallery(root):
     assert "500-item gallery" in finding.explanation
 
 
+def test_a_gallery_where_slow_only_finds_nothing_shows_speed_only(root):
+    write("smoke-shapes", [chosen(5)]
+          + k_sweep({1: (30.0, 0.5), 5: (49.5, 5.0), 100: (50.0, 101.0)}, slow=(50.0, 100.0))
+          + k_sweep({1: (0.0, 0.5), 5: (0.0, 1.0)}, slow=(0.0, 5000.0), gallery=10**5))  # R@1 [-2, 2]
+    finding = verdict("RQ3")
+    assert finding.verdict == PARTLY  # judged where Slow-only has accuracy to reach: 100 items
+    assert list(finding.table["verdict"]) == [PARTLY, "speed only"]
+    assert "100-item gallery" in finding.explanation
+
+
 @pytest.mark.parametrize(
     ("variants", "expected"),
     [({"bidirectional": 40.0, "forward": 35.0, "itm": 20.0}, REPRODUCED),
