@@ -247,7 +247,8 @@ def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trai
     """The K sweep and the speed-up on each of ``cfg.rerank.larger_galleries``
     (:func:`large_gallery`): per K, Fast+Slow's metrics and latency (``method`` fast_slow), and
     the Slow model alone over the whole gallery (``method`` cross_attention, K None), ready for
-    :meth:`fastslow.notebook.Session.record_metrics`; nothing where there is no larger gallery.
+    :meth:`fastslow.notebook.Session.record_metrics`, with the gallery's size and text-to-image
+    :func:`first_choice_agreement`; nothing where there is no larger gallery.
     Its K values are the test sweep's, so the K chosen on validation is among them. Each gallery's
     index is its ``index``; text-to-image accuracy is computed on what that index returns."""
     measured = []
@@ -256,6 +257,16 @@ def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trai
             return []
         measured += _gallery_sweep(cfg, data, fast, slow, alpha, spec, *larger)
     return measured
+
+
+def first_choice_agreement(fast_scores: torch.Tensor, slow_scores: torch.Tensor, ks: list[int], alpha: float) -> dict[int, float]:
+    """Per K, the share of queries (rows) whose first item after re-ranking the Fast top-K is the
+    Slow model's own first item over the whole gallery: whether Fast+Slow answers as the Slow
+    model alone would, which R@1 cannot tell where the Slow model alone rarely finds the one
+    image a caption was written for."""
+    reranker = Reranker(fast_scores, lookup_scorer(slow_scores), max(ks))
+    slow_first = slow_scores.argmax(dim=1)
+    return {k: float((reranker.order(min(k, reranker.max_k), alpha)[:, 0] == slow_first).float().mean()) for k in ks}
 
 
 def index_scores(index: VectorIndex, queries: torch.Tensor, k: int) -> torch.Tensor:
@@ -287,11 +298,13 @@ def _gallery_sweep(cfg, data, fast, slow, alpha, spec, gallery, tokens, queries)
     encode_slow = data.slow_encoder(slow.model.reads)
     slow_ms = slow_only_query_ms(slow.model, visual, captions[: spec.slow_only_latency_queries], encode_slow=encode_slow, device=cfg.device)
     measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),
-                 "ms_per_query": slow_ms}]
+                 "ms_per_query": slow_ms, "gallery": len(gallery), "agrees_with_slow_only": 1.0}]
+    agreement = first_choice_agreement(fast_scores if searched is None else searched, slow_scores, ks[:-1], alpha)
     for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks[:-1], alpha, searched).items():
         ms = fast_slow_query_ms(fast.model, index, slow.model, visual, captions, encode_fast=data.fast_texts,
                                 encode_slow=encode_slow, k=k, device=cfg.device)
-        measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": ms})
+        measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": ms, "gallery": len(gallery),
+                         "agrees_with_slow_only": agreement[k]})
     return measured
 
 

@@ -243,3 +243,13 @@ def test_an_hnsw_search_returns_as_many_items_as_asked():
     index = VectorIndex.build(gallery, "HNSW16", hnsw_ef_search=16)
     _, ids = index.search(gallery[:3], 300)  # more than efSearch: FAISS alone pads with -1
     assert ids.shape == (3, 300) and (ids >= 0).all() and all(len(set(row)) == 300 for row in ids.tolist())
+
+
+def test_first_choice_agreement_asks_whether_fast_slow_answers_as_slow_alone():
+    from fastslow.rerank import first_choice_agreement
+
+    fast = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.1, 0.2, 0.9, 0.8]])
+    slow = torch.tensor([[0.0, 0.1, 0.2, 0.9], [0.0, 0.0, 0.1, 0.5]])  # Slow's first: item 3 for both
+    agreement = first_choice_agreement(fast, slow, [1, 2, 4], alpha=0.0)
+    # K = 1: Fast's first (0 and 2), neither Slow's; K = 2: only the second query's top 2 holds item 3.
+    assert agreement == {1: 0.0, 2: 0.5, 4: 1.0}
