@@ -225,6 +225,49 @@ def slow_only_query_ms(
     return path.ms_per_query(captions, None, slow=True, repeats=repeats)
 
 
+def latency_by_k(
+    fast_model,
+    index,
+    slow_model,
+    gallery_tokens: torch.Tensor,
+    captions: list[str],
+    *,
+    encode_fast: QueryEncoder,
+    encode_slow: QueryEncoder,
+    ks: Sequence[int],
+    slow_only_captions: int | None = None,
+    device: str = "cpu",
+    rounds: int = 5,
+) -> dict[int | None, float]:
+    """Milliseconds per query of Fast+Slow at each K of ``ks`` and, under the key None, of the
+    Slow model alone (on the first ``slow_only_captions`` captions, all by default; 0: not
+    timed), one query at a time on one thread, everything included (:class:`_QueryPath`).
+
+    Timed in interleaved rounds, each round one pass of every method in turn after a warm-up
+    round, and each method's figure is its median over the rounds: a slowdown of the host (here
+    it slows to a third for minutes) then hits every method alike, so their ratios hold, where
+    methods timed one after the other could set a fast minute against a slow one."""
+    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
+    slow_only = captions[:slow_only_captions] if slow_only_captions is not None else captions
+    plans = [(k, captions) for k in ks] + ([(None, slow_only)] if slow_only else [])
+    times: dict[int | None, list[float]] = {k: [] for k, _ in plans}
+
+    @torch.inference_mode()
+    def one_pass(k: int | None, texts: list[str]) -> float:
+        started = time.perf_counter()
+        for caption in texts:
+            path.answer([caption], k, slow=True)
+        return 1000.0 * (time.perf_counter() - started) / len(texts)
+
+    with one_thread():
+        for round_index in tqdm(range(rounds + 1), desc="latency rounds", leave=False):
+            for k, texts in plans:
+                ms = one_pass(k, texts)
+                if round_index:  # round 0 warms up
+                    times[k].append(ms)
+    return {k: statistics.median(ms) for k, ms in times.items()}
+
+
 def query_latency_breakdown(
     fast_model,
     index,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fastslow import metrics
 from fastslow.batches import headline_queries
-from fastslow.bench import fast_slow_query_ms, slow_only_query_ms
+from fastslow.bench import latency_by_k
 from fastslow.config import LargerGallery, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, make_shapes
 from fastslow.evaluation import cached_slow_scores
@@ -295,15 +295,14 @@ def _gallery_sweep(cfg, data, fast, slow, alpha, spec, gallery, tokens, queries)
         searched = index_scores(index, query_embeddings, max(ks[:-1]))
     visual = visual_tokens(slow.model, gallery.images, cfg.device)
     captions = [gallery.captions[q] for q in queries[: cfg.rerank.latency_queries]]
-    encode_slow = data.slow_encoder(slow.model.reads)
-    slow_ms = slow_only_query_ms(slow.model, visual, captions[: spec.slow_only_latency_queries], encode_slow=encode_slow, device=cfg.device)
+    latency = latency_by_k(fast.model, index, slow.model, visual, captions, encode_fast=data.fast_texts,
+                           encode_slow=data.slow_encoder(slow.model.reads), ks=ks[:-1],
+                           slow_only_captions=spec.slow_only_latency_queries, device=cfg.device)
     measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),
-                 "ms_per_query": slow_ms, "gallery": len(gallery), "agrees_with_slow_only": 1.0}]
+                 "ms_per_query": latency[None], "gallery": len(gallery), "agrees_with_slow_only": 1.0}]
     agreement = first_choice_agreement(fast_scores if searched is None else searched, slow_scores, ks[:-1], alpha)
     for k, result in fast_slow_sweep(fast_scores, slow_scores, gallery, queries, ks[:-1], alpha, searched).items():
-        ms = fast_slow_query_ms(fast.model, index, slow.model, visual, captions, encode_fast=data.fast_texts,
-                                encode_slow=encode_slow, k=k, device=cfg.device)
-        measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": ms, "gallery": len(gallery),
+        measured.append({"method": "fast_slow", "K": k, "metrics": result, "ms_per_query": latency[k], "gallery": len(gallery),
                          "agrees_with_slow_only": agreement[k]})
     return measured
 

@@ -253,3 +253,22 @@ def test_first_choice_agreement_asks_whether_fast_slow_answers_as_slow_alone():
     agreement = first_choice_agreement(fast, slow, [1, 2, 4], alpha=0.0)
     # K = 1: Fast's first (0 and 2), neither Slow's; K = 2: only the second query's top 2 holds item 3.
     assert agreement == {1: 0.0, 2: 0.5, 4: 1.0}
+
+
+def test_latency_by_k_times_every_method_in_each_round(monkeypatch):
+    from fastslow import bench
+    from fastslow.index import VectorIndex
+
+    class Fast:
+        def encode_texts(self, texts):
+            return torch.nn.functional.normalize(texts, dim=-1)
+
+    scored = []
+    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append(ids.shape[1]))
+    index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
+    latency = bench.latency_by_k(
+        Fast(), index, None, torch.zeros(50, 1, 1), ["a", "b", "c"], encode_fast=lambda c: torch.randn(len(c), 4),
+        encode_slow=lambda c: torch.ones(len(c), 3).long(), ks=[1, 5], slow_only_captions=1, rounds=2)
+    assert set(latency) == {1, 5, None} and all(ms > 0 for ms in latency.values())
+    # A warm-up round and two timed ones, each: K = 1 and K = 5 over 3 captions, Slow-only over 1.
+    assert scored == ([1] * 3 + [5] * 3 + [50]) * 3
