@@ -58,6 +58,14 @@ def test_a_replaced_image_changes_the_features_key(tiny_real: DataConfig):
     assert config_hash(feature_key(params, data)) != before, "its old features would be reused"
 
 
+def test_a_copy_with_new_modification_times_keeps_its_keys(tiny_real: DataConfig):
+    before = fingerprint_now(tiny_real.data_dir)
+    for path in Path(tiny_real.data_dir).rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**12))
+    assert fingerprint_now(tiny_real.data_dir) == before, "a fresh copy of the same data would retrain"
+
+
 def test_a_symlinked_image_folder_is_fingerprinted_by_its_contents(tiny_real: DataConfig, tmp_path):
     real = Path(tiny_real.data_dir)
     linked = tmp_path / "linked"
