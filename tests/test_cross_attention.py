@@ -139,6 +139,18 @@ def test_gallery_keys_values_follow_the_weights(shapes, candidates):
     torch.testing.assert_close(after, pair_scores(model, visual_tokens(model, test.images), captions, candidates))
 
 
+def test_a_gallery_made_in_inference_mode_scores_as_one_made_without_grad(shapes):
+    splits, tokenizer = shapes
+    test = splits["test"]
+    model = tiny_model(tokenizer)
+    captions = tokenizer.encode(test.captions[:2])
+    candidates = torch.tensor([[4, 0, 9], [2, 2, 7]])
+    expected = pair_scores(model, visual_tokens(model, test.images), captions, candidates)
+    with torch.inference_mode():  # its tensors keep no version counter
+        scores = pair_scores(model, visual_tokens(model, test.images), captions, candidates)
+    torch.testing.assert_close(scores, expected)
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @torch.no_grad()
 def test_a_batch_of_candidates_scores_like_one_at_a_time(shapes, objective):

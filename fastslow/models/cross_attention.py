@@ -487,7 +487,9 @@ def gallery_keys_values(model: CrossAttentionModel, gallery_tokens: torch.Tensor
     key = id(gallery_tokens)
     layers = (m for m in model.modules() if isinstance(m, DecoderLayer))
     projections = (p for layer in layers for p in layer.cross_key_value.parameters())
-    stamp = (id(model), gallery_tokens._version, tuple(p._version for p in projections))
+    # An inference tensor keeps no version counter (an in-place edit of one goes unseen).
+    version = 0 if gallery_tokens.is_inference() else gallery_tokens._version
+    stamp = (id(model), version, tuple(p._version for p in projections))
     cached = _GALLERY_KEYS_VALUES.get(key)
     if cached is None or cached[0] != stamp:
         if cached is None:
