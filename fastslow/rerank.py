@@ -41,10 +41,15 @@ def _standardise(scores: torch.Tensor) -> torch.Tensor:
 
 
 def combine(slow: torch.Tensor, fast: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The re-ranking score of each of a query's top-K candidates (higher first)."""
+    """The re-ranking score of each of a query's top-K candidates (higher first).
+
+    The combined score is rounded to 5 decimals (standardised scores are of order 1), so that
+    candidates the two models rank in opposite order tie exactly and keep the Fast order: at
+    K = 2 with alpha = 1 each standardised score is ±1 up to float rounding, which decided
+    such ties (and changed R@1 when the same model was retrained)."""
     if alpha == 0:
         return slow
-    return _standardise(slow) + alpha * _standardise(fast)
+    return (_standardise(slow) + alpha * _standardise(fast)).round(decimals=5)
 
 
 def rerank_order(fast_scores: torch.Tensor, slow_topk: torch.Tensor, k: int, alpha: float = 0.0) -> torch.Tensor:

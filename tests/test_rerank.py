@@ -270,5 +270,18 @@ def test_latency_by_k_times_every_method_in_each_round(monkeypatch):
         Fast(), index, None, torch.zeros(50, 1, 1), ["a", "b", "c"], encode_fast=lambda c: torch.randn(len(c), 4),
         encode_slow=lambda c: torch.ones(len(c), 3).long(), ks=[1, 5], slow_only_captions=1, rounds=2)
     assert set(latency) == {1, 5, None} and all(ms > 0 for ms in latency.values())
-    # A warm-up round and two timed ones, each: K = 1 and K = 5 over 3 captions, Slow-only over 1.
-    assert scored == ([1] * 3 + [5] * 3 + [50]) * 3
+    # A warm-up round and two timed ones, each: K = 1 and K = 5 over 3 captions, Slow-only over 1,
+    # each round starting one method further on.
+    assert scored == [1] * 3 + [5] * 3 + [50] + [5] * 3 + [50] + [1] * 3 + [50] + [1] * 3 + [5] * 3
+
+
+def test_candidates_the_two_models_order_oppositely_keep_the_fast_order():
+    from fastslow.rerank import rerank_order
+
+    # Slow prefers the Fast runner-up. At K = 2 each model's standardised scores are ±1, so
+    # alpha = 1 ties the two candidates; in floats these sums came to -1.8e-7 and -1.2e-7, which
+    # put the runner-up first. A tie keeps the Fast order.
+    fast = torch.tensor([[0.7744860053062439, 0.4368913173675537, 0.1]])
+    slow = torch.tensor([[0.5190907716751099, 0.6158523559570312]])
+    assert rerank_order(fast, slow, k=2, alpha=1.0)[0, 0] == 0
+    assert rerank_order(fast, slow, k=2, alpha=0.0)[0, 0] == 1  # the Slow model alone decides
