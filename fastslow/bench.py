@@ -70,8 +70,9 @@ def _untimed(stage: str, fn: Callable[[], object]) -> object:
 
 
 @dataclasses.dataclass
-class _QueryPath:
-    """Everything typed queries go through, in one place for every timer: turn the captions into
+class QueryPath:
+    """Everything typed queries go through, in one place for every timer (built once and handed to
+    :func:`latency_by_k`, :func:`query_latency_breakdown` and :func:`throughput`): turn the captions into
     the Fast text side's input (``encode_fast``: tokenising, and the frozen MiniLM with the
     pretrained backbone), embed them, search the index for each one's top K, turn the captions into
     what the Slow model reads (``encode_slow``) and score the candidates against the gallery's
@@ -127,8 +128,8 @@ def fast_query_ms(
     model, index, captions: list[str], *, encode: QueryEncoder, device: str = "cpu", k: int = 10, repeats: int = 5
 ) -> float:
     """Per-query latency of the Fast model, everything a query pays for: encode the typed caption
-    (``encode``), embed it, search the index for its top ``k`` (:class:`_QueryPath`)."""
-    path = _QueryPath(fast_model=model, index=index, encode_fast=encode, device=device)
+    (``encode``), embed it, search the index for its top ``k`` (:class:`QueryPath`)."""
+    path = QueryPath(fast_model=model, index=index, encode_fast=encode, device=device)
     return path.ms_per_query(captions, k, slow=False, repeats=repeats)
 
 
@@ -210,8 +211,8 @@ def fast_slow_query_ms(
 ) -> float:
     """Per-query latency of Fast+Slow, everything a query pays for: encode the typed caption for
     both models, search the Fast top ``k``, score those ``k`` with the Slow model against the
-    gallery's cached visual tokens (:class:`_QueryPath`)."""
-    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
+    gallery's cached visual tokens (:class:`QueryPath`)."""
+    path = QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
     return path.ms_per_query(captions, k, slow=True, repeats=repeats)
 
 
@@ -220,28 +221,17 @@ def slow_only_query_ms(
     repeats: int = 3,
 ) -> float:
     """Per-query latency of the Slow model alone: encode the typed caption and score every
-    gallery image for it (:class:`_QueryPath`)."""
-    path = _QueryPath(slow_model=slow_model, gallery_tokens=gallery_tokens, encode_slow=encode_slow, device=device)
+    gallery image for it (:class:`QueryPath`)."""
+    path = QueryPath(slow_model=slow_model, gallery_tokens=gallery_tokens, encode_slow=encode_slow, device=device)
     return path.ms_per_query(captions, None, slow=True, repeats=repeats)
 
 
 def latency_by_k(
-    fast_model,
-    index,
-    slow_model,
-    gallery_tokens: torch.Tensor,
-    captions: list[str],
-    *,
-    encode_fast: QueryEncoder,
-    encode_slow: QueryEncoder,
-    ks: Sequence[int],
-    slow_only_captions: int | None = None,
-    device: str = "cpu",
-    rounds: int = 5,
+    path: QueryPath, captions: list[str], *, ks: Sequence[int], slow_only_captions: int | None = None, rounds: int = 5
 ) -> dict[int | None, float]:
     """Milliseconds per query of Fast+Slow at each K of ``ks`` and, under the key None, of the
     Slow model alone (on the first ``slow_only_captions`` captions, all by default; 0: not
-    timed), one query at a time on one thread, everything included (:class:`_QueryPath`).
+    timed), one query at a time on one thread, everything included (:class:`QueryPath`).
 
     Timed in interleaved rounds, each round one pass of every method in turn after a warm-up
     round, and each method's figure is its median over the rounds: a slowdown of the host (here
@@ -249,7 +239,6 @@ def latency_by_k(
     methods timed one after the other could set a fast minute against a slow one. Each round
     starts one method further on, so no method always follows Slow-only's pass over the whole
     gallery, which leaves the caches cold."""
-    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
     slow_only = captions[:slow_only_captions] if slow_only_captions is not None else captions
     plans = [(k, captions) for k in ks] + ([(None, slow_only)] if slow_only else [])
     times: dict[int | None, list[float]] = {k: [] for k, _ in plans}
@@ -271,25 +260,12 @@ def latency_by_k(
     return {k: statistics.median(ms) for k, ms in times.items()}
 
 
-def query_latency_breakdown(
-    fast_model,
-    index,
-    slow_model,
-    gallery_tokens: torch.Tensor,
-    captions: list[str],
-    *,
-    encode_fast: QueryEncoder,
-    encode_slow: QueryEncoder,
-    ks: Sequence[int],
-    device: str = "cpu",
-    repeats: int = 3,
-) -> pd.DataFrame:
+def query_latency_breakdown(path: QueryPath, captions: list[str], *, ks: Sequence[int], repeats: int = 3) -> pd.DataFrame:
     """Where a query's time goes: milliseconds per query of each of :data:`QUERY_STAGES`, for Fast
     (K = 1, no Slow stages), Fast+Slow at each K of ``ks`` and Slow-only (every gallery item
     scored; no Fast stages). One query at a time on one thread (:func:`one_thread`), each stage
     timed around its own call; per stage the median over ``repeats`` passes. Columns: method, K,
     stage, ms_per_query; ``other`` is what the stages leave of the whole query's time."""
-    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
 
     def timed_pass(k: int | None, slow: bool) -> dict[str, float]:
         spent = dict.fromkeys(QUERY_STAGES, 0.0) | {"whole query": 0.0}
@@ -314,36 +290,22 @@ def query_latency_breakdown(
             passes = [timed_pass(k, slow) for _ in range(repeats)]
             medians = {stage: 1000.0 * statistics.median(p[stage] for p in passes) / len(captions) for stage in passes[0]}
             medians["other"] = max(0.0, medians.pop("whole query") - sum(medians[s] for s in QUERY_STAGES))
-            rows += [{"method": method, "K": k if k is not None else len(gallery_tokens), "stage": stage, "ms_per_query": ms}
+            rows += [{"method": method, "K": k if k is not None else len(path.gallery_tokens), "stage": stage, "ms_per_query": ms}
                      for stage, ms in medians.items()]
     return pd.DataFrame(rows)
 
 
-def throughput(
-    fast_model,
-    index,
-    slow_model,
-    gallery_tokens: torch.Tensor,
-    captions: list[str],
-    *,
-    encode_fast: QueryEncoder,
-    encode_slow: QueryEncoder,
-    k: int,
-    batch: int,
-    device: str = "cpu",
-    repeats: int = 3,
-) -> pd.DataFrame:
+def throughput(path: QueryPath, captions: list[str], *, k: int, batch: int, repeats: int = 3) -> pd.DataFrame:
     """Queries per second of Fast, Fast+Slow at ``k`` and Slow-only, one query at a time on one
     thread (what :func:`fast_query_ms` and friends time) and ``batch`` queries at a time on every
-    core (:meth:`_QueryPath.queries_per_second`). Columns: method, K, batch, threads,
+    core (:meth:`QueryPath.queries_per_second`). Columns: method, K, batch, threads,
     queries_per_second."""
-    path = _QueryPath(fast_model, index, slow_model, gallery_tokens, encode_fast, encode_slow, device)
     plans = [("fast", k, False), ("fast_slow", k, True), ("slow_only", None, True)]
     rows = []
     for method, plan_k, slow in plans:
         one_at_a_time = 1000.0 / path.ms_per_query(captions, plan_k, slow, repeats)
         batched = path.queries_per_second(captions, plan_k, slow, batch, repeats)
-        shown_k = plan_k if plan_k is not None else len(gallery_tokens)
+        shown_k = plan_k if plan_k is not None else len(path.gallery_tokens)
         rows += [
             {"method": method, "K": shown_k, "batch": 1, "threads": 1, "queries_per_second": one_at_a_time},
             {"method": method, "K": shown_k, "batch": batch, "threads": torch.get_num_threads(),

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fastslow import metrics
 from fastslow.batches import headline_queries
-from fastslow.bench import latency_by_k
+from fastslow.bench import QueryPath, latency_by_k
 from fastslow.config import LargerGallery, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, make_shapes
 from fastslow.evaluation import cached_slow_scores
@@ -287,22 +287,21 @@ def index_scores(index: VectorIndex, queries: torch.Tensor, k: int) -> torch.Ten
 
 
 def _gallery_sweep(cfg, data, fast, slow, alpha, spec, gallery, tokens, queries) -> list[dict[str, Any]]:
-    # The queries' rows only: every caption of 100,000 images against them would take 200 GB.
-    fast_scores = dual_encoder_scores(fast.model, gallery.images, tokens[torch.as_tensor(queries)], cfg.device)
+    # Each image and query caption embedded once, for the scores and the index alike; the queries'
+    # rows only: every caption of 100,000 images against them would take 200 GB.
+    image_embeddings = embed_images(fast.model, gallery.images, cfg.device)
+    query_embeddings = embed_texts(fast.model, tokens[torch.as_tensor(queries)], cfg.device)
+    fast_scores = query_embeddings @ image_embeddings.T
     slow_scores = cached_slow_scores(slow, gallery.images, tokens, queries, cfg.device, name=f"large-{cfg.data.seed + 1000}")
     ks = k_values(len(gallery))
-    index = fast_index(fast, gallery.images, cfg.device, spec.index)
+    index = VectorIndex.build(image_embeddings, spec.index)
     # An approximate index ranks text-to-image search by what it returns (image-to-text has no
     # index here and keeps the exact scores).
-    searched = None
-    if spec.index != "Flat":
-        query_embeddings = embed_texts(fast.model, tokens[torch.as_tensor(queries)], cfg.device)
-        searched = index_scores(index, query_embeddings, max(ks[:-1]))
-    visual = visual_tokens(slow.model, gallery.images, cfg.device)
+    searched = None if spec.index == "Flat" else index_scores(index, query_embeddings, max(ks[:-1]))
+    path = QueryPath(fast.model, index, slow.model, visual_tokens(slow.model, gallery.images, cfg.device),
+                     data.fast_texts, data.slow_encoder(slow.model.reads), cfg.device)
     captions = [gallery.captions[q] for q in queries[: cfg.rerank.latency_queries]]
-    latency = latency_by_k(fast.model, index, slow.model, visual, captions, encode_fast=data.fast_texts,
-                           encode_slow=data.slow_encoder(slow.model.reads), ks=ks[:-1],
-                           slow_only_captions=spec.slow_only_latency_queries, device=cfg.device)
+    latency = latency_by_k(path, captions, ks=ks[:-1], slow_only_captions=spec.slow_only_latency_queries)
     measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),
                  "ms_per_query": latency[None], "gallery": len(gallery), "agrees_with_slow_only": 1.0}]
     agreement = first_choice_agreement(fast_scores if searched is None else searched, slow_scores, ks[:-1], alpha)

@@ -133,10 +133,9 @@ def test_latency_breakdown_times_each_stage_where_it_is_paid(monkeypatch):
 
     monkeypatch.setattr(bench, "pair_scores", slow_scoring)
     index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
-    breakdown = bench.query_latency_breakdown(
-        Fast(), index, None, torch.zeros(50, 1, 1), ["a red circle", "a blue square"],
-        encode_fast=lambda c: torch.ones(len(c), 4), encode_slow=lambda c: torch.ones(len(c), 3).long(),
-        ks=[1, 10], repeats=1)
+    path = bench.QueryPath(Fast(), index, None, torch.zeros(50, 1, 1), encode_fast=lambda c: torch.ones(len(c), 4),
+                           encode_slow=lambda c: torch.ones(len(c), 3).long())
+    breakdown = bench.query_latency_breakdown(path, ["a red circle", "a blue square"], ks=[1, 10], repeats=1)
     ms = breakdown.set_index(["method", "K", "stage"])["ms_per_query"]
     assert ms["fast", 1, "Slow scoring"] == 0 and ms["slow_only", 50, "index search"] == 0
     assert ms["fast_slow", 10, "Slow scoring"] > 5 * ms["fast_slow", 1, "Slow scoring"]
@@ -158,10 +157,9 @@ def test_throughput_answers_a_batch_of_queries_in_one_call(monkeypatch):
     scored = []
     monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append((len(tokens), *ids.shape)))
     index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
-    table = bench.throughput(
-        Fast(), index, None, torch.zeros(50, 1, 1), [f"caption {i}" for i in range(5)],
-        encode_fast=lambda c: torch.randn(len(c), 4), encode_slow=lambda c: torch.ones(len(c), 3).long(),
-        k=5, batch=2, repeats=1)
+    path = bench.QueryPath(Fast(), index, None, torch.zeros(50, 1, 1), encode_fast=lambda c: torch.randn(len(c), 4),
+                           encode_slow=lambda c: torch.ones(len(c), 3).long())
+    table = bench.throughput(path, [f"caption {i}" for i in range(5)], k=5, batch=2, repeats=1)
     # Batches of 2, 2 and 1 queries: each batch's tokens and top 5 (or whole gallery) in one call.
     assert {(2, 2, 5), (1, 1, 5), (2, 2, 50), (1, 1, 50)} <= set(scored)
     assert set(table["method"]) == {"fast", "fast_slow", "slow_only"} and set(table["batch"]) == {1, 2}
@@ -266,9 +264,9 @@ def test_latency_by_k_times_every_method_in_each_round(monkeypatch):
     scored = []
     monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append(ids.shape[1]))
     index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
-    latency = bench.latency_by_k(
-        Fast(), index, None, torch.zeros(50, 1, 1), ["a", "b", "c"], encode_fast=lambda c: torch.randn(len(c), 4),
-        encode_slow=lambda c: torch.ones(len(c), 3).long(), ks=[1, 5], slow_only_captions=1, rounds=2)
+    path = bench.QueryPath(Fast(), index, None, torch.zeros(50, 1, 1), encode_fast=lambda c: torch.randn(len(c), 4),
+                           encode_slow=lambda c: torch.ones(len(c), 3).long())
+    latency = bench.latency_by_k(path, ["a", "b", "c"], ks=[1, 5], slow_only_captions=1, rounds=2)
     assert set(latency) == {1, 5, None} and all(ms > 0 for ms in latency.values())
     # A warm-up round and two timed ones, each: K = 1 and K = 5 over 3 captions, Slow-only over 1,
     # each round starting one method further on.
