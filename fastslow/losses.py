@@ -190,40 +190,18 @@ def distillation_loss(
     return config.dcd_alpha * contrastive + (1 - config.dcd_alpha) * kl, extras
 
 
-def listwise_matching_loss(in_batch_negatives: int):
-    """The matching Slow model's loss (:class:`~fastslow.models.matching.MatchingModel`): listwise
-    cross-entropy in both directions over mined negatives (:class:`fastslow.negatives.NegativeBatches`)
-    and ``in_batch_negatives`` random ones.
+def matching_loss(model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The matching Slow model's loss (:class:`~fastslow.models.matching.MatchingModel`): CLIP's
+    contrastive loss over every (caption, image) pair of the batch, scored by the Slow model.
 
-    Text-to-image: each caption's logit for its own image against its M mined negative images and
-    the images of the next ``in_batch_negatives`` pairs of the batch (random images: the batch
-    order is shuffled); image-to-text: each image's logit for its caption against its M mined
-    captions and the next pairs' captions. Softmaxed over the candidates, as a ranking is decided
-    among candidates, not one pair at a time. Random negatives keep the easy cases learnt: mined
-    ones alone left the loss at its starting value (log of the candidates) for 250 steps.
-    """
-
-    def loss_fn(model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
-        pairs = len(batch["tokens"])
-        mined = len(batch["negative_tokens"]) // pairs
-        texts = batch["all_tokens"]
-        device = texts.device
-        keys_values = model.visual_keys_values(model.encode_images(batch["all_images"]))
-        index = torch.arange(pairs, device=device)[:, None]
-        shifts = torch.arange(1, min(in_batch_negatives, pairs - 1) + 1, device=device)
-        candidates = torch.cat(
-            [index, pairs + index * mined + torch.arange(mined, device=device), (index + shifts) % pairs],
-            dim=1,
-        )
-        own = index.expand_as(candidates).reshape(-1)
-        # Both directions in one call: the captions' image-independent part runs once.
-        images = torch.cat([candidates.reshape(-1), own])
-        captions = torch.cat([own, candidates.reshape(-1)])
-        scores = model.score_pairs(texts, keys_values, images, captions[:, None])
-        text_to_image, image_to_text = scores.chunk(2)
-        targets = torch.zeros(pairs, dtype=torch.long, device=device)
-        t2i = F.cross_entropy(text_to_image.view(pairs, -1), targets)
-        i2t = F.cross_entropy(image_to_text.view(pairs, -1), targets)
-        return 0.5 * (t2i + i2t), {"t2i": t2i.item(), "i2t": i2t.item()}
-
-    return loss_fn
+    The batches (:class:`fastslow.negatives.LookAlikeBatches`) hold groups of Fast look-alikes, so
+    each caption meets its image's hard negatives among the batch's random ones, and each image
+    the look-alikes' captions; random negatives keep the easy cases learnt (mined ones alone left
+    an earlier matching model's loss at its starting value for 250 steps)."""
+    pairs = len(batch["tokens"])
+    keys_values = model.visual_keys_values(model.encode_images(batch["images"]))
+    everyone = torch.arange(pairs, device=batch["tokens"].device)
+    logits = model.score_pairs(batch["tokens"], keys_values, everyone, everyone[None]).T
+    targets = everyone
+    t2i, i2t = F.cross_entropy(logits, targets), F.cross_entropy(logits.T, targets)
+    return 0.5 * (t2i + i2t), {"t2i": t2i.item(), "i2t": i2t.item()}

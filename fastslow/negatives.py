@@ -4,9 +4,10 @@ A Slow model learns to tell an image's caption from look-alikes only if it meets
 random other image of Flickr8k rarely resembles the caption's, so ALBEF and BLIP draw their
 matching negatives from what the contrastive (Fast) model finds similar. Here the trained dual
 encoder's scores over the training split give, per caption, its ``pool`` most similar other
-images, and per image its ``pool`` most similar other captions; each epoch draws ``hard`` of
-them. Random negatives come from the batch itself (the loss's business:
-:func:`fastslow.losses.listwise_matching_loss`).
+images, and per image its ``pool`` most similar other captions. The caption decoders'
+:class:`NegativeBatches` draw ``hard`` of them per pair each epoch, as extra images and captions;
+the matching model's :class:`LookAlikeBatches` put groups of look-alikes into one batch instead,
+so the batch's other pairs are its negatives, hard and random ones together, at no extra cost.
 
 A candidate is no negative if it is a positive under another name: an image is dropped from a
 caption's pool when one of its own captions says the same thing (same words after lower-casing and
@@ -141,5 +142,72 @@ class NegativeBatches:
                 "negative_tokens": texts[pairs:],
                 "all_images": visual,
                 "all_tokens": texts,
+                "image_index": torch.as_tensor(images),
+            }
+
+
+def look_alike_order(
+    caption_of: np.ndarray, pools: NegativePools, group: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Every image once, in groups of up to ``group`` Fast look-alikes: each group starts at the
+    next image of a random order not yet placed (its anchor) and takes the first images of the
+    anchor's caption's pool (``caption_of[anchor]``) not yet placed. Consecutive images of the
+    result then tend to be each other's hard negatives."""
+    placed = np.zeros(len(caption_of), dtype=bool)
+    order = []
+    for anchor in rng.permutation(len(caption_of)):
+        if placed[anchor]:
+            continue
+        members = [int(anchor)]
+        for candidate in pools.images[caption_of[anchor]]:
+            if len(members) == group:
+                break
+            if candidate >= 0 and not placed[candidate] and candidate not in members:
+                members.append(int(candidate))
+        placed[members] = True
+        order.extend(members)
+    return np.asarray(order)
+
+
+class LookAlikeBatches:
+    """One epoch of matched pairs (every image once, with one of its captions drawn at random) in
+    batches that carry their own hard negatives: groups of ``1 + hard`` Fast look-alikes
+    (:func:`look_alike_order`), so every other pair of a batch is a negative, some of them hard,
+    in both directions (a look-alike image for a caption, a look-alike's caption for an image),
+    at no cost beyond the batch itself.
+
+    Deterministic in ``(seed, epoch)``. A batch holds ``images`` and ``tokens`` (the B pairs, as the
+    image tower and the Slow model read them) and ``image_index``; the last, incomplete batch is
+    dropped (its images come first in another epoch's order).
+    """
+
+    def __init__(
+        self,
+        split: CaptionedImages,
+        texts: torch.Tensor,
+        visual: np.ndarray | FeatureImages,
+        pools: NegativePools,
+        *,
+        hard: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+    ):
+        rng = np.random.default_rng([seed, epoch])
+        self.texts, self.visual = texts, visual
+        self.batch_size = min(batch_size, len(split))
+        by_image = split.captions_by_image()
+        self.caption_of = np.array([rng.choice(by_image[i]) for i in range(len(split))])
+        self.order = look_alike_order(self.caption_of, pools, 1 + hard, rng)
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        for b in range(len(self)):
+            images = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield {
+                "images": model_input(self.visual[images]),
+                "tokens": trim_padding(self.texts[self.caption_of[images]]),
                 "image_index": torch.as_tensor(images),
             }

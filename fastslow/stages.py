@@ -31,14 +31,14 @@ from fastslow.inputs import MAX_CAPTION_TOKENS, FeatureImages
 from fastslow.losses import (
     cross_attention_loss,
     distillation_loss,
-    listwise_matching_loss,
+    matching_loss,
     symmetric_info_nce,
 )
 from fastslow.models.cross_attention import CrossAttentionModel, keep_twins_together
 from fastslow.models.dual_encoder import DualEncoder
 from fastslow.models.matching import MatchingModel
 from fastslow.models.pretrained import minilm_word_table, text_backbone
-from fastslow.negatives import NegativeBatches, NegativePools, mine_pools
+from fastslow.negatives import LookAlikeBatches, NegativeBatches, NegativePools, mine_pools
 from fastslow.scoring import cross_attention_scores, dual_encoder_scores
 from fastslow.train import fit
 
@@ -295,15 +295,15 @@ def cross_attention_validation(data: Study, device: str, n_images: int) -> Calla
 def build_slow_model(cfg: StudyConfig, data: Study, model_config, fast: Trained | None) -> nn.Module:
     """A Slow model for ``model_config``: on the ``pretrained`` backbone the matching model
     (``itm``) or caption decoders on MiniLM's word pieces; on ``tiny`` caption decoders on the
-    study's words. With ``tower_init="dual_encoder"`` it starts from the Fast model ``fast``: its
-    image tower (``tiny``), or its heads as the matching model's global term."""
+    study's words. With ``tower_init="dual_encoder"`` a ``tiny`` model starts from the Fast model
+    ``fast``'s image tower; the matching model always trains from scratch (started from the Fast
+    heads it got worse: :mod:`fastslow.models.matching`)."""
     from_fast = model_config.tower_init == "dual_encoder"
     if model_config.encoder.backbone == "pretrained" and model_config.objective == "itm":
-        width = data.token_states["train"].shape[-1]
-        model = MatchingModel(model_config, cfg.dual, cfg.data.image_size, width)
         if from_fast:
-            model.load_fast_heads(fast.model)
-        return model
+            raise ValueError("the matching model trains from scratch: use tower_init='scratch'")
+        width = data.token_states["train"].shape[-1]
+        return MatchingModel(model_config, cfg.dual, cfg.data.image_size, width)
     frames = data.splits["train"].frames
     if model_config.encoder.backbone == "pretrained":
         table = minilm_word_table(data.vocabulary.minilm_ids)
@@ -320,8 +320,8 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
     early-stopped on validation RSUM.
 
     On ``pretrained`` it learns from negatives mined with the Fast model
-    (:mod:`fastslow.negatives`): the matching model by listwise cross-entropy in both directions,
-    caption decoders by their likelihood plus the look-alike term. The Fast model
+    (:mod:`fastslow.negatives`): the matching model by the contrastive loss over batches of
+    look-alikes (:func:`fastslow.losses.matching_loss`), caption decoders by their likelihood plus the look-alike term. The Fast model
     (:func:`train_or_load_dual_encoder`) is loaded from the cache, or trained first."""
     data = data or load_study(cfg)
     model_config = dataclasses.replace(cfg.cross, **variant)
@@ -345,9 +345,9 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
         scores = dual_encoder_scores(fast.model, data.visual["train"], data.texts["train"], cfg.device)
         return mine_pools(scores, train, model_config.negatives_pool)
 
-    def epoch_batches(epoch: int) -> PairBatches | NegativeBatches:
+    def epoch_batches(epoch: int) -> PairBatches | NegativeBatches | LookAlikeBatches:
         if pretrained:
-            return NegativeBatches(
+            return (LookAlikeBatches if matching else NegativeBatches)(
                 train, data.slow_texts("train", reads), data.visual["train"], pools(),
                 hard=model_config.hard_negatives, batch_size=cfg.train_cross.batch_size,
                 seed=cfg.seed, epoch=epoch,
@@ -362,7 +362,7 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
         cross_attention_key(cfg, **variant),
         make_model,
         loss_fn=(
-            listwise_matching_loss(model_config.random_negatives)
+            matching_loss
             if matching
             else cross_attention_loss(train.twin, model_config.negative_weight)
         ),

@@ -1,6 +1,6 @@
 """The matching Slow model for real photographs and the negatives it learns from."""
 
-import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -9,11 +9,17 @@ import torch
 from fastslow.config import CrossAttentionConfig, DualEncoderConfig, EncoderConfig
 from fastslow.data.types import CaptionedImages
 from fastslow.inputs import FEATURE_CHANNELS, FeatureImages
-from fastslow.losses import listwise_matching_loss
+from fastslow.losses import matching_loss
 from fastslow.models.cross_attention import gather_keys_values, pair_scores, visual_tokens
-from fastslow.models.dual_encoder import DualEncoder
 from fastslow.models.matching import MatchingModel
-from fastslow.negatives import NegativeBatches, mine_pools, normalised_caption
+from fastslow.negatives import (
+    LookAlikeBatches,
+    NegativeBatches,
+    NegativePools,
+    look_alike_order,
+    mine_pools,
+    normalised_caption,
+)
 
 PRETRAINED = EncoderConfig(backbone="pretrained")
 TEXT_WIDTH = 24
@@ -35,8 +41,8 @@ def token_states(lengths: list[int], width: int = TEXT_WIDTH, seed: int = 1) -> 
 
 def matching_model(steps: int = 1) -> MatchingModel:
     torch.manual_seed(0)
-    config = CrossAttentionConfig(encoder=PRETRAINED, objective="itm", upsample_steps=steps, width=32, layers=2)
-    return MatchingModel(config, DualEncoderConfig(encoder=PRETRAINED, embed_dim=16), 16, TEXT_WIDTH).eval()
+    config = CrossAttentionConfig(encoder=PRETRAINED, objective="itm", upsample_steps=steps)
+    return MatchingModel(config, DualEncoderConfig(encoder=PRETRAINED, embed_dim=16), 64, TEXT_WIDTH).eval()
 
 
 def test_matching_score_does_not_change_with_padding():
@@ -58,46 +64,70 @@ def test_matching_score_depends_on_the_image_and_every_caption_token():
     texts = token_states([6])
     scores = pair_scores(model, gallery, texts, torch.arange(2)[None])
     assert not torch.isclose(scores[0, 0], scores[0, 1])
-    changed = texts.clone()
-    changed[0, 4] += 1.0  # a token after the first: the [CLS] state must see it
-    assert not torch.allclose(pair_scores(model, gallery, changed, torch.arange(2)[None]), scores)
+    for token in (0, 5):
+        changed = texts.clone()
+        changed[0, token] += 1.0
+        assert not torch.allclose(pair_scores(model, gallery, changed, torch.arange(2)[None]), scores)
 
 
-def test_matching_model_starts_from_the_fast_models_similarity():
-    """With the match head silenced, the score is the dual encoder's logit: the Slow model starts
-    where the Fast one stands."""
+def test_matching_score_is_the_global_similarity_plus_the_words_alignment_with_what_they_attend():
+    """The score written out the long way: each word's softmax attention over the visual tokens, the
+    cosine of the word with the attended vector, their mean over real words, plus the global
+    cosine; the model computes the attended vectors' norms through the tokens' Gram matrix."""
     model = matching_model(steps=0)
-    fast = DualEncoder(1, DualEncoderConfig(encoder=PRETRAINED, embed_dim=16), 16)
-    fast.text_projection = torch.nn.Sequential(
-        torch.nn.Linear(TEXT_WIDTH, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)
-    )
-    model.load_fast_heads(fast)
-    torch.nn.init.zeros_(model.match_head.weight)
-    torch.nn.init.zeros_(model.match_head.bias)
-    images, texts = features(4), token_states([4, 6, 5])
-    scores = pair_scores(model, visual_tokens(model, images), texts, torch.arange(4).expand(3, 4))
-    real = (texts != 0).any(-1, keepdim=True).float()
-    sentence = torch.nn.functional.normalize((texts * real).sum(1) / real.sum(1), dim=-1)
     with torch.no_grad():
-        expected = fast(images, sentence)
-    assert torch.allclose(scores, expected, atol=1e-4)
+        model.log_global_scale.fill_(0.5)
+        model.log_alignment_scale.fill_(2.0)
+    images, texts = features(3), token_states([4, 6])
+    gallery = visual_tokens(model, images)
+    scores = pair_scores(model, gallery, texts, torch.arange(3).expand(2, 3))
+    words, sentences = model.encode_texts(texts)
+    tokens, global_embeddings = gallery[:, :-1], gallery[:, -1]
+    expected = torch.empty(2, 3)
+    for caption, length in enumerate((4, 6)):
+        for image in range(3):
+            w = words[caption, :length]
+            attention = torch.softmax(model.log_attention_scale.exp() * w @ tokens[image].T, dim=-1)
+            attended = torch.nn.functional.normalize(attention @ tokens[image], dim=-1)
+            alignment = (w * attended).sum(-1).mean()
+            cosine = sentences[caption] @ global_embeddings[image]
+            expected[caption, image] = math.exp(0.5) * cosine + math.exp(2.0) * alignment
+    torch.testing.assert_close(scores, expected.detach(), atol=1e-4, rtol=1e-4)
 
 
-def test_listwise_loss_trains_every_part():
+@pytest.mark.parametrize("steps", [0, 1])
+def test_visual_tokens_cover_the_grid_the_upsampling_asks_for(steps):
+    model = matching_model(steps)
+    tokens = visual_tokens(model, features(2))
+    rows, columns = model.grid_shape
+    assert (rows, columns) == ((2, 2), (4, 4))[steps]  # the test maps are 8, 4 and 2 cells wide
+    assert tokens.shape == (2, rows * columns + 1, 16)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(2, rows * columns + 1))
+
+
+def test_matching_loss_trains_every_part():
     model = matching_model().train()
-    pairs, negatives = 3, 2
-    images = features(pairs * (1 + negatives))
-    texts = token_states([4, 5, 3, 6, 2, 4, 5, 3, 4])
-    batch = {
-        "tokens": texts[:pairs], "negative_tokens": texts[pairs:],
-        "all_tokens": texts, "all_images": images,
-    }
-    loss, extras = listwise_matching_loss(in_batch_negatives=2)(model, batch, 0.0)
+    batch = {"images": features(4), "tokens": token_states([4, 5, 3, 6])}
+    loss, extras = matching_loss(model, batch, 0.0)
     loss.backward()
     assert torch.isfinite(loss) and set(extras) == {"t2i", "i2t"}
-    for name in ("upsampler.coarse_lateral.weight", "layers.0.cross_query.weight", "match_head.weight",
-                 "text_head.0.weight", "image_head.1.weight", "log_global_scale"):
+    for name in ("upsampler.coarse_lateral.weight", "upsampler.laterals.0.weight", "text_head.0.weight",
+                 "image_head.2.weight", "log_global_scale", "log_alignment_scale", "log_attention_scale"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
+    assert not any(p.requires_grad for p in model.cell_features.parameters())
+
+
+def test_matching_model_cells_average_to_the_pooled_features_the_backbone_gives():
+    """The frozen head applied cell by cell gives the features the backbone pools: the cached
+    stride-32 map and the cached pooled vector agree through it."""
+    from fastslow.models.pretrained import image_backbone
+
+    backbone = image_backbone()
+    pixels = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        maps, pooled = backbone.features(pixels)
+        cells = matching_model().cell_features(maps[-1])
+    torch.testing.assert_close(cells.mean(dim=(2, 3)), pooled)
 
 
 def captioned(captions: list[list[str]]) -> CaptionedImages:
@@ -148,6 +178,35 @@ def test_mined_negatives_never_hold_a_positive_or_a_caption_saying_the_same():
     assert batch["all_tokens"].shape[0] == 3 * len(batch["tokens"])
 
 
+def test_look_alike_batches_hold_every_image_once_with_the_caption_drawn_for_it():
+    split = captioned([
+        ["A dog runs.", "a dog runs"], ["A dog runs", "two dogs"], ["a cat sleeps"], ["a red car"],
+        ["people walk"], ["a boat"], ["a tree"], ["a bird", "a bird flies"],
+    ])
+    scores = torch.randn(len(split.captions), len(split), generator=torch.Generator().manual_seed(1))
+    pools = mine_pools(scores, split, pool=3)
+    texts, visual = token_states([3] * len(split.captions)), features(len(split))
+    make = lambda epoch: LookAlikeBatches(split, texts, visual, pools, hard=2, batch_size=4, seed=0, epoch=epoch)
+    batches = make(0)
+    assert sorted(batches.order.tolist()) == list(range(len(split)))
+    np.testing.assert_array_equal(make(0).order, batches.order)
+    assert not np.array_equal(make(1).order, batches.order) or not np.array_equal(make(2).order, batches.order)
+    assert len(batches) == 2
+    batch = next(iter(batches))
+    assert batch["tokens"].shape[0] == batch["images"].pooled.shape[0] == 4
+    torch.testing.assert_close(batch["tokens"], texts[batches.caption_of[batch["image_index"].numpy()]])
+
+
+def test_look_alike_order_groups_the_anchor_with_the_first_unplaced_images_of_its_pool():
+    pools = NegativePools(images=np.array([[1, 2, 3], [0, 2, 3], [3, 0, 1], [2, 1, 0]]), captions=None)
+    caption_of = np.arange(4)
+    order = look_alike_order(caption_of, pools, group=2, rng=np.random.default_rng(0))
+    first = order[0]
+    assert order[1] == next(c for c in pools.images[first])
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    assert set(order[2:].tolist()) == {0, 1, 2, 3} - {order[0], order[1]}
+
+
 def test_mining_rejects_nothing_it_should_keep():
     split = captioned([["a"], ["b"], ["c"], ["d"]])
     scores = torch.tensor([[0.0, 5, 4, 1], [5, 0, 3, 2], [4, 3, 0, 6], [1, 2, 6, 0]])
@@ -156,13 +215,10 @@ def test_mining_rejects_nothing_it_should_keep():
     assert pools.captions.tolist() == [[1, 2], [0, 2], [3, 0], [2, 1]]
 
 
-@pytest.mark.parametrize("layers", [1])
-def test_matching_model_refuses_one_layer(layers):
-    config = CrossAttentionConfig(encoder=PRETRAINED, objective="itm", layers=layers)
-    with pytest.raises(ValueError, match="at least 2 layers"):
-        MatchingModel(config, DualEncoderConfig(encoder=PRETRAINED), 16, TEXT_WIDTH)
+def test_matching_model_refuses_pixels():
+    config = CrossAttentionConfig(encoder=EncoderConfig(), objective="itm")
     with pytest.raises(ValueError, match="backbone='pretrained'"):
-        MatchingModel(dataclasses.replace(config, encoder=EncoderConfig(), layers=2), DualEncoderConfig(), 16, 8)
+        MatchingModel(config, DualEncoderConfig(), 16, 8)
 
 
 def test_gathered_keys_values_have_index_selects_values_and_gradients():

@@ -18,6 +18,7 @@ heads on top is cheap on a CPU.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class EfficientNetLite0(FrozenModule):
         self.out_channels = tuple(self.net._blocks[i]._project_conv.out_channels for i in self.taps)
         self.strides = FEATURE_STRIDES
         self.pooled_dim = self.net._conv_head.out_channels
+        # The 1x1 convolution to 1280 channels and its activation: applied to the last map cell by
+        # cell, it gives the features whose mean is the pooled vector.
+        self.head = nn.Sequential(self.net._conv_head, self.net._swish)
         if (self.out_channels, self.pooled_dim) != (FEATURE_CHANNELS, POOLED_DIM):
             raise RuntimeError(f"EfficientNet-Lite0 gives {self.out_channels} + {self.pooled_dim} channels, expected {FEATURE_CHANNELS} + {POOLED_DIM}")
 
@@ -120,8 +124,7 @@ class EfficientNetLite0(FrozenModule):
             x = block(x)
             if index in self.taps:
                 maps.append(x)
-        head = net._swish(net._bn1(net._conv_head(x)))
-        return maps, head.mean(dim=(2, 3))
+        return maps, self.head(x).mean(dim=(2, 3))
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps at strides 8/16/32, like :class:`fastslow.models.encoders.ConvTower`."""
@@ -199,6 +202,13 @@ def image_backbone(name: str = EFFICIENTNET_LITE0, image_size: int = 224) -> Eff
     if name != EFFICIENTNET_LITE0:
         raise ValueError(f"unknown image backbone {name!r}; available offline: {EFFICIENTNET_LITE0}")
     return EfficientNetLite0(image_size)
+
+
+def frozen_head() -> nn.Module:
+    """A frozen copy of EfficientNet-Lite0's head (:attr:`EfficientNetLite0.head`): what turns the
+    cached stride-32 map ``(N, 320, h, w)`` into ``(N, 1280, h, w)`` features, the pooled features
+    of each cell. A model that holds it carries 0.4M frozen weights instead of the backbone."""
+    return copy.deepcopy(image_backbone().head).requires_grad_(False)
 
 
 @functools.lru_cache(maxsize=4)
