@@ -72,8 +72,9 @@ def test_matching_score_depends_on_the_image_and_every_caption_token():
 
 def test_matching_score_is_the_global_similarity_plus_the_words_alignment_with_what_they_attend():
     """The score written out the long way: each word's softmax attention over the visual tokens, the
-    cosine of the word with the attended vector, their mean over real words, plus the global
-    cosine; the model computes the attended vectors' norms through the tokens' Gram matrix."""
+    cosine of the word with the attended vector, their mean over real words weighted by the
+    softmax of the word-weight layer, plus the global cosine; the model computes the attended
+    vectors' norms through the tokens' Gram matrix."""
     model = matching_model(steps=0)
     with torch.no_grad():
         model.log_global_scale.fill_(0.5)
@@ -81,7 +82,7 @@ def test_matching_score_is_the_global_similarity_plus_the_words_alignment_with_w
     images, texts = features(3), token_states([4, 6])
     gallery = visual_tokens(model, images)
     scores = pair_scores(model, gallery, texts, torch.arange(3).expand(2, 3))
-    words, sentences = model.encode_texts(texts)
+    words, _, sentences = model.encode_texts(texts)
     tokens, global_embeddings = gallery[:, :-1], gallery[:, -1]
     expected = torch.empty(2, 3)
     for caption, length in enumerate((4, 6)):
@@ -89,7 +90,8 @@ def test_matching_score_is_the_global_similarity_plus_the_words_alignment_with_w
             w = words[caption, :length]
             attention = torch.softmax(model.log_attention_scale.exp() * w @ tokens[image].T, dim=-1)
             attended = torch.nn.functional.normalize(attention @ tokens[image], dim=-1)
-            alignment = (w * attended).sum(-1).mean()
+            importance = model.word_weight(torch.nn.functional.normalize(texts[caption, :length], dim=-1))
+            alignment = (torch.softmax(importance.squeeze(-1), 0) * (w * attended).sum(-1)).sum()
             cosine = sentences[caption] @ global_embeddings[image]
             expected[caption, image] = math.exp(0.5) * cosine + math.exp(2.0) * alignment
     torch.testing.assert_close(scores, expected.detach(), atol=1e-4, rtol=1e-4)
@@ -112,7 +114,7 @@ def test_matching_loss_trains_every_part():
     loss.backward()
     assert torch.isfinite(loss) and set(extras) == {"t2i", "i2t"}
     for name in ("upsampler.coarse_lateral.weight", "upsampler.laterals.0.weight", "text_head.0.weight",
-                 "image_head.2.weight", "log_global_scale", "log_alignment_scale", "log_attention_scale"):
+                 "image_head.2.weight", "word_weight.weight", "log_global_scale", "log_alignment_scale", "log_attention_scale"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     assert not any(p.requires_grad for p in model.cell_features.parameters())
 

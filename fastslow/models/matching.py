@@ -20,8 +20,10 @@ in that budget. So this model scores the way SCAN's text-to-image attention does
   :class:`~fastslow.models.cross_attention.ProgressiveUpsampler` over the cell embeddings and the
   finer maps makes the visual tokens (``upsample_steps``: 7x7, 14x14, 28x28 at 224 pixels);
 * cross-attention: each word attends to the visual tokens (softmax of its cosine similarities times
-  a learned inverse temperature) and is compared with what it attended to; the alignment is the
-  mean of those cosines over the caption's words;
+  a learned inverse temperature) and is compared with what it attended to; the alignment is a
+  weighted mean of those cosines over the caption's words, the weights a softmax over the words of
+  a learned linear function of their token states (on 2,500 validation captions: R@1 19.4 against
+  18.4 with a plain mean, the Fast model 19.8);
 * score: ``s_g * cos(sentence, image) + s_a * alignment``, both scales learned. The global term is
   ALBEF's and BLIP's habit of adding the contrastive similarity to the match score when they
   re-rank; here it trains with the rest, from scratch: started from the trained Fast heads, the
@@ -86,6 +88,7 @@ class MatchingModel(nn.Module):
         side = map_side(image_size, self.image_tower.strides[-1 - config.upsample_steps])
         self.grid_shape = (side, side)
         self.text_head = _head(text_width, width)
+        self.word_weight = nn.Linear(text_width, 1)
         log_scale = torch.tensor(math.log(INITIAL_SCORE_SCALE))
         self.log_global_scale = nn.Parameter(log_scale.clone())
         self.log_alignment_scale = nn.Parameter(log_scale.clone())
@@ -106,13 +109,17 @@ class MatchingModel(nn.Module):
         embedding."""
         return {"tokens": visual[:, :-1], "global": visual[:, -1]}
 
-    def encode_texts(self, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, L, D)`` token states to ``(N, L, W)`` unit word embeddings and ``(N, W)`` unit
-        sentence embeddings."""
-        real = real_tokens(texts)[..., None].to(texts.dtype)
-        sentence = F.normalize((texts * real).sum(-2) / real.sum(-2).clamp_min(1.0), dim=-1)
-        words = self.text_head(F.normalize(texts, dim=-1))
-        return F.normalize(words, dim=-1), F.normalize(self.text_head(sentence), dim=-1)
+    def encode_texts(self, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(N, L, D)`` token states to ``(N, L, W)`` unit word embeddings, ``(N, L)`` word weights
+        (summing to 1 over each caption's real tokens) and ``(N, W)`` unit sentence embeddings."""
+        real = real_tokens(texts)
+        weights = real[..., None].to(texts.dtype)
+        sentence = F.normalize((texts * weights).sum(-2) / weights.sum(-2).clamp_min(1.0), dim=-1)
+        states = F.normalize(texts, dim=-1)
+        words = F.normalize(self.text_head(states), dim=-1)
+        importance = self.word_weight(states).squeeze(-1).masked_fill(~real, -torch.inf)
+        word_weights = torch.softmax(importance, dim=-1).nan_to_num(0.0)  # an empty caption: none
+        return words, word_weights, F.normalize(self.text_head(sentence), dim=-1)
 
     def _scale(self, log_scale: nn.Parameter) -> torch.Tensor:
         return log_scale.clamp(max=math.log(MAX_SCALE)).exp()
@@ -128,8 +135,8 @@ class MatchingModel(nn.Module):
         zero rows at padding) against image ``images[g]`` of ``keys_values``
         (:meth:`visual_keys_values` of the images); ``captions`` may be ``(1, n)`` (every image
         against the same captions)."""
-        words, sentences = self.encode_texts(texts)
-        words, real = words[captions], real_tokens(texts)[captions]
+        words, word_weights, sentences = self.encode_texts(texts)
+        words, word_weights = words[captions], word_weights[captions]
         tokens = keys_values["tokens"][images]
         global_similarity = (sentences[captions] * keys_values["global"][images][:, None]).sum(-1)
         similarity = torch.einsum("gnlw,gtw->gnlt", words, tokens)
@@ -140,8 +147,7 @@ class MatchingModel(nn.Module):
         gram = tokens @ tokens.transpose(-1, -2)
         squared_norm = (torch.einsum("gnlt,gts->gnls", attention, gram) * attention).sum(-1)
         word_alignment = (attention * similarity).sum(-1) / squared_norm.clamp_min(1e-12).sqrt()
-        real = real.expand_as(word_alignment).to(word_alignment.dtype)
-        alignment = (word_alignment * real).sum(-1) / real.sum(-1).clamp_min(1.0)
+        alignment = (word_alignment * word_weights).sum(-1)
         return self._scale(self.log_global_scale) * global_similarity + self._scale(
             self.log_alignment_scale
         ) * alignment
