@@ -103,16 +103,22 @@ def load_or_build(
     *,
     to_stored: Callable[[T], Any] | None = None,
     from_stored: Callable[[Any], T] | None = None,
+    unusable: Callable[[Any], str | None] | None = None,
 ) -> T:
     """Return the cached artifact for ``(stage, config)``, or build, save and return it.
 
     ``build`` returns tensors and plain containers (state dicts, dicts of lists, floats, strings),
     or anything that ``to_stored`` turns into those and ``from_stored`` turns back.
+    ``unusable(stored)`` says why a cached artifact cannot serve although its config matches
+    (weights of an older form of the model), or None: such an entry is rebuilt, with a warning.
     """
     path = artifact_path(stage, config)
     with _entry_lock(path, stage):
         stored = load_verified(path)
-        if stored is not None:
+        problem = None if stored is None or unusable is None else unusable(stored)
+        if problem is not None:
+            log.warning("cache file %s %s: treating it as missing", path, problem)
+        elif stored is not None:
             log.info("loaded %s from %s", stage, path)
             return from_stored(stored) if from_stored else stored
         log.info("building %s (no usable cache entry %s)", stage, path.name)

@@ -183,7 +183,8 @@ def train_or_load(
     """Load ``stage``'s cached weights for ``key``, or train them with :func:`fastslow.train.fit`.
 
     The model is built under ``seed`` (:func:`build_seeded`), so its initial weights depend on its
-    config alone, never on what ran before in the process."""
+    config alone, never on what ran before in the process. Cached weights that do not fit the model
+    as the code builds it now (another form of it, under the same config) are trained again."""
     checkpoint = artifact_path(stage, key, ".ckpt")
 
     def build() -> dict[str, Any]:
@@ -204,10 +205,16 @@ def train_or_load(
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         return {"state": state, "history": history, "train_seconds": seconds}
 
-    artifact = load_or_build(stage, key, build)
+    model = build_seeded(make_model, seed)
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+
+    def unusable(stored: dict[str, Any]) -> str | None:
+        stored_shapes = {name: tuple(value.shape) for name, value in stored["state"].items()}
+        return None if stored_shapes == shapes else "holds the weights of another form of the model"
+
+    artifact = load_or_build(stage, key, build, unusable=unusable)
     for leftover in (checkpoint, record_path(checkpoint)):
         leftover.unlink(missing_ok=True)
-    model = build_seeded(make_model, seed)
     model.load_state_dict(artifact["state"])
     model.to(device).eval()
     return Trained(model, artifact["history"], config_hash(key), artifact["train_seconds"])

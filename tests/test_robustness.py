@@ -64,6 +64,29 @@ def test_an_entry_without_its_record_is_rebuilt(cache_dir, caplog):
     assert "has no" in caplog.text
 
 
+def test_weights_of_another_form_of_the_model_under_the_same_config_are_trained_again(cache_dir, caplog):
+    """The cache is keyed by config; a model whose code changed (a new layer) under the same config
+    must not load the old weights, nor stop the run: it trains again."""
+    from fastslow.stages import train_or_load
+
+    def train(make_model):
+        return train_or_load(
+            "stage", {"x": 1}, make_model, loss_fn=lambda model, batch, progress: model(batch).sum(),
+            epoch_batches=lambda epoch: [torch.ones(2, 3)], validate=lambda model: 0.0,
+            train_config=TrainConfig(epochs=1, batch_size=2), seed=0, device="cpu",
+        )
+
+    train(lambda: torch.nn.Linear(3, 1))
+    with caplog.at_level(logging.WARNING, logger="fastslow.cache"):
+        grown = train(lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)))
+    assert isinstance(grown.model, torch.nn.Sequential)
+    assert "another form of the model" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastslow.cache"):
+        train(lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)))
+    assert "another form" not in caplog.text  # the retrained entry serves from now on
+
+
 def test_artifacts_that_are_not_tensors_are_stored_through_their_conversion(cache_dir):
     """The cache loads with weights_only=True: a numpy array goes in as a tensor and comes back as an array."""
     convert = {"to_stored": lambda a: {"a": torch.from_numpy(a)}, "from_stored": lambda s: s["a"].numpy()}
