@@ -50,6 +50,12 @@ def record_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def artifact_checksum(stage: str, config: Any) -> str:
+    """The SHA-256 of the cached artifact for ``(stage, config)``, as its record holds it."""
+    record = record_path(artifact_path(stage, config))
+    return json.loads(record.read_text(encoding="utf-8"))["sha256"]
+
+
 def save_verified(obj: Any, path: Path, about: dict[str, Any] | None = None) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically, then its record (:func:`record_path`)."""
     checksum = {}

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fastslow import distill, metrics
 from fastslow.batches import PairBatches, headline_queries
-from fastslow.cache import artifact_path, load_or_build, record_path
+from fastslow.cache import artifact_checksum, artifact_path, load_or_build, record_path
 from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, WordTokenizer, data_key, load_dataset
 from fastslow.data.text import SpecialPieces, WordPieceVocabulary
@@ -152,7 +152,9 @@ def zero_padding(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Trained:
-    """A trained model with what produced it."""
+    """A trained model with what produced it. ``config_hash`` hashes its config and its weights'
+    checksum: what the caches of scores computed with it key on, so weights trained again under
+    the same config (another form of the model) never meet the scores of the old ones."""
 
     model: nn.Module
     history: dict[str, list[dict[str, float]]]
@@ -217,7 +219,8 @@ def train_or_load(
         leftover.unlink(missing_ok=True)
     model.load_state_dict(artifact["state"])
     model.to(device).eval()
-    return Trained(model, artifact["history"], config_hash(key), artifact["train_seconds"])
+    identity = config_hash({"config": key, "weights": artifact_checksum(stage, key)})
+    return Trained(model, artifact["history"], identity, artifact["train_seconds"])
 
 
 # --- Fast: the dual encoder ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastslow import losses, stages
+from fastslow import cache, losses, stages
 from fastslow.config import config_hash
 from fastslow.config import OBJECTIVES, CrossAttentionConfig, DualEncoderConfig, EncoderConfig, TrainConfig, make_config
 from fastslow.batches import PairBatches
@@ -264,7 +264,9 @@ def test_each_variant_trains_once_and_then_loads(tmp_path, monkeypatch):
     first = stages.train_or_load_cross_attention(cfg, data, upsample_steps=0)
     again = stages.train_or_load_cross_attention(cfg, data, upsample_steps=0)
     other = stages.train_or_load_cross_attention(cfg, data, upsample_steps=0, objective="forward")
-    assert first.config_hash == again.config_hash == config_hash(stages.cross_attention_key(cfg, upsample_steps=0))
+    key = stages.cross_attention_key(cfg, upsample_steps=0)
+    weights = cache.artifact_checksum("cross_attention", key)
+    assert first.config_hash == again.config_hash == config_hash({"config": key, "weights": weights})
     assert other.config_hash != first.config_hash and other.model.directions == ("left_to_right",)
     assert len(list(tmp_path.glob("cross_attention-*.pt"))) == 2
     for name, value in first.model.state_dict().items():

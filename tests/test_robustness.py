@@ -76,10 +76,11 @@ def test_weights_of_another_form_of_the_model_under_the_same_config_are_trained_
             train_config=TrainConfig(epochs=1, batch_size=2), seed=0, device="cpu",
         )
 
-    train(lambda: torch.nn.Linear(3, 1))
+    first = train(lambda: torch.nn.Linear(3, 1))
     with caplog.at_level(logging.WARNING, logger="fastslow.cache"):
         grown = train(lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)))
     assert isinstance(grown.model, torch.nn.Sequential)
+    assert grown.config_hash != first.config_hash  # scores cached under the old weights stay apart
     assert "another form of the model" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fastslow.cache"):
