@@ -11,8 +11,8 @@ caption-image interaction only through the attention weights and a small feed-fo
 in that budget. So this model scores the way SCAN's text-to-image attention does (Lee et al., 2018):
 
 * text: each MiniLM token state (cached with the features, L2-normalised) through the text head to
-  a word embedding in a joint space (as wide as the Fast model's), and the caption's sentence embedding
-  (the masked mean, as the Fast model reads it) through the same head;
+  a word embedding in a joint space (as wide as the Fast model's), and the caption's sentence
+  embedding (the masked mean, as the Fast model reads it) through the same head;
 * image: EfficientNet-Lite0's head (:func:`~fastslow.models.pretrained.frozen_head`) applied to
   each cell of the cached stride-32 map, so every cell has the 1,280 features the pooled vector
   averages (the Fast model's input): the Slow model sees what the Fast one sees, and where; the
