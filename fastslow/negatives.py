@@ -178,7 +178,7 @@ class LookAlikeBatches:
 
     Deterministic in ``(seed, epoch)``. A batch holds ``images`` and ``tokens`` (the B pairs, as the
     image tower and the Slow model read them) and ``image_index``; the last, incomplete batch is
-    dropped (its images come first in another epoch's order).
+    dropped (each epoch orders the images anew, so no image is left out every epoch).
     """
 
     def __init__(
