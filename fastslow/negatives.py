@@ -88,18 +88,17 @@ def draw_negatives(pool: np.ndarray, hard: int, rng: np.random.Generator) -> np.
     return drawn
 
 
-class NegativeBatches:
-    """One epoch of matched pairs (every image once, with one of its captions drawn at random),
-    each with ``hard`` negatives drawn from its pools: images for its caption, captions for its
-    image. Random negatives come from the batch itself (another pair's image or caption is a
-    random one: the order is shuffled), so they cost no extra image.
+def draw_captions(split: CaptionedImages, rng: np.random.Generator) -> np.ndarray:
+    """One caption per image of ``split``, drawn at random among its own: an epoch's pairs."""
+    by_image = split.captions_by_image()
+    return np.array([rng.choice(by_image[i]) for i in range(len(split))])
 
-    Deterministic in ``(seed, epoch)``. A batch holds ``images`` and ``tokens`` (the B pairs, as the
-    image tower and the Slow model read them), ``negative_images`` (B x M images, row-major: pair
-    b's are rows b*M to b*M+M-1) and ``negative_tokens`` (B x M captions, the same layout),
-    ``all_images`` and ``all_tokens`` (the pairs' then the negatives', one tensor each: the first
-    four are views of them) and ``image_index``.
-    """
+
+class MinedEpoch:
+    """One epoch of matched pairs with negatives mined by the Fast model, deterministic in
+    ``(seed, epoch)``: what :class:`NegativeBatches` and :class:`LookAlikeBatches` share. Each
+    kind's ``_arrange`` sets ``order`` (the images, in batch order) and ``caption_of`` (each image's
+    caption this epoch) from ``pools``, ``hard`` and the epoch's random generator."""
 
     def __init__(
         self,
@@ -113,17 +112,35 @@ class NegativeBatches:
         seed: int,
         epoch: int,
     ):
-        rng = np.random.default_rng([seed, epoch])
         self.texts, self.visual = texts, visual
         self.batch_size = min(batch_size, len(split))
-        self.order = rng.permutation(len(split))
-        by_image = split.captions_by_image()
-        self.caption_of = np.array([rng.choice(by_image[i]) for i in range(len(split))])
-        self.negative_images = draw_negatives(pools.images[self.caption_of], hard, rng)
-        self.negative_captions = draw_negatives(pools.captions, hard, rng)
+        self._arrange(split, pools, hard, np.random.default_rng([seed, epoch]))
+
+    def _arrange(self, split: CaptionedImages, pools: NegativePools, hard: int, rng: np.random.Generator) -> None:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.order) // self.batch_size
+
+
+class NegativeBatches(MinedEpoch):
+    """One epoch of matched pairs (every image once, with one of its captions drawn at random),
+    each with ``hard`` negatives drawn from its pools: images for its caption, captions for its
+    image. Random negatives come from the batch itself (another pair's image or caption is a
+    random one: the order is shuffled), so they cost no extra image.
+
+    Deterministic in ``(seed, epoch)``. A batch holds ``images`` and ``tokens`` (the B pairs, as the
+    image tower and the Slow model read them), ``negative_images`` (B x M images, row-major: pair
+    b's are rows b*M to b*M+M-1) and ``negative_tokens`` (B x M captions, the same layout),
+    ``all_images`` and ``all_tokens`` (the pairs' then the negatives', one tensor each: the first
+    four are views of them) and ``image_index``.
+    """
+
+    def _arrange(self, split: CaptionedImages, pools: NegativePools, hard: int, rng: np.random.Generator) -> None:
+        self.order = rng.permutation(len(split))
+        self.caption_of = draw_captions(split, rng)
+        self.negative_images = draw_negatives(pools.images[self.caption_of], hard, rng)
+        self.negative_captions = draw_negatives(pools.captions, hard, rng)
 
     def __iter__(self) -> Iterator[dict]:
         for b in range(len(self)):
@@ -169,7 +186,7 @@ def look_alike_order(
     return np.asarray(order)
 
 
-class LookAlikeBatches:
+class LookAlikeBatches(MinedEpoch):
     """One epoch of matched pairs (every image once, with one of its captions drawn at random) in
     batches that carry their own hard negatives: groups of ``1 + hard`` Fast look-alikes
     (:func:`look_alike_order`), so every other pair of a batch is a negative, some of them hard,
@@ -181,27 +198,9 @@ class LookAlikeBatches:
     dropped (each epoch orders the images anew, so no image is left out every epoch).
     """
 
-    def __init__(
-        self,
-        split: CaptionedImages,
-        texts: torch.Tensor,
-        visual: np.ndarray | FeatureImages,
-        pools: NegativePools,
-        *,
-        hard: int,
-        batch_size: int,
-        seed: int,
-        epoch: int,
-    ):
-        rng = np.random.default_rng([seed, epoch])
-        self.texts, self.visual = texts, visual
-        self.batch_size = min(batch_size, len(split))
-        by_image = split.captions_by_image()
-        self.caption_of = np.array([rng.choice(by_image[i]) for i in range(len(split))])
+    def _arrange(self, split: CaptionedImages, pools: NegativePools, hard: int, rng: np.random.Generator) -> None:
+        self.caption_of = draw_captions(split, rng)
         self.order = look_alike_order(self.caption_of, pools, 1 + hard, rng)
-
-    def __len__(self) -> int:
-        return len(self.order) // self.batch_size
 
     def __iter__(self) -> Iterator[dict]:
         for b in range(len(self)):

@@ -188,9 +188,10 @@ def train_or_load(
     config alone, never on what ran before in the process. Cached weights that do not fit the model
     as the code builds it now (another form of it, under the same config) are trained again."""
     checkpoint = artifact_path(stage, key, ".ckpt")
+    model = build_seeded(make_model, seed)
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
     def build() -> dict[str, Any]:
-        model = build_seeded(make_model, seed)
         started = time.perf_counter()
         history = fit(
             model,
@@ -206,9 +207,6 @@ def train_or_load(
         seconds = time.perf_counter() - started
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         return {"state": state, "history": history, "train_seconds": seconds}
-
-    model = build_seeded(make_model, seed)
-    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
     def unusable(stored: dict[str, Any]) -> str | None:
         stored_shapes = {name: tuple(value.shape) for name, value in stored["state"].items()}
