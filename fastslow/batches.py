@@ -57,10 +57,14 @@ class PairBatches:
 
 
 def headline_queries(split: CaptionedImages, captions_per_image: int) -> np.ndarray:
-    """Indices of the captions every method is scored on: the first ``n`` of each image's captions.
+    """Indices of the captions every method is scored on: the first ``n`` of each image's captions,
+    in rounds (every image's first caption, then every image's second, ...).
 
     The Slow model scores each (query, image) pair, so the comparable evaluation may use fewer
-    queries than the split has captions; every method's ``headline`` row uses this same set.
+    queries than the split has captions; every method's ``headline`` row uses this same set. In
+    rounds, a prefix of it (what the costlier Slow ablations score) still spans as many images as
+    it has queries, up to the gallery's size.
     """
     by_image = split.captions_by_image()
-    return np.concatenate([np.asarray(c[:captions_per_image]) for c in by_image]).astype(np.int64)
+    rounds = [[c[r] for c in by_image if len(c) > r] for r in range(captions_per_image)]
+    return np.asarray([q for captions in rounds for q in captions], dtype=np.int64)

@@ -76,8 +76,7 @@ class Study:
 
     def headline_queries(self) -> np.ndarray:
         """The test captions every method's ``headline`` row is scored on."""
-        queries = headline_queries(self.test, self.config.headline_captions_per_image)
-        return queries[: self.config.headline_max_queries]
+        return headline_queries(self.test, self.config.headline_captions_per_image)
 
     def fast_texts(self, captions: list[str]) -> torch.Tensor:
         """New captions (a search box's query) as the dual encoder's text side reads them."""

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fastslow import cache, metrics, results
+from fastslow.batches import headline_queries
 from fastslow.config import TrainConfig, config_hash, make_config
+from fastslow.data.types import CaptionedImages
 from fastslow.index import VectorIndex, recall_against_exact
 from fastslow.train import fit
 
@@ -187,3 +189,13 @@ def test_a_row_carries_its_interval_and_its_ranks(tmp_path):
     assert table.loc["t2i", "R@1_lo"] <= 75.0 <= table.loc["t2i", "R@1_hi"]
     ranks = results.read_ranks(tmp_path, table.loc["t2i", "ranks"])
     assert ranks.tolist() == measured["ranks"]["t2i"].tolist() == [1, 3, 1, 1]
+
+
+def test_headline_queries_take_each_images_captions_in_rounds():
+    split = CaptionedImages(
+        dataset="toy", split="test", images=np.zeros((3, 2, 2, 3), np.uint8),
+        captions=["a", "b", "c", "d", "e"], caption_image=[0, 1, 0, 1, 2], image_ids=["0", "1", "2"],
+        twin=-np.ones(3), twin_kind=[""] * 3, caption_kind=[""] * 5, skipped=[],
+    )
+    assert headline_queries(split, 1).tolist() == [0, 1, 4]
+    assert headline_queries(split, 2).tolist() == [0, 1, 4, 2, 3]
