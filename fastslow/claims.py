@@ -176,7 +176,7 @@ def _distillation(rows: pd.DataFrame, method: str) -> tuple[Finding, Difference 
     baseline = "the no-teacher control"
     if control.rows(rows).empty:
         control, baseline = FAST, "the notebook-02 dual encoder (no control ran)"
-    picks = {f"student: {method}": student, "control: same fine-tuning, no teacher": Pick("headline", "control"),
+    picks = {f"student: {method}": student, "control: notebook 02's recipe, no teacher": Pick("headline", "control"),
              "dual_encoder (notebook 02)": FAST, "teacher: cross_attention": slow_pick(rows)}
     table = interval_table(rows, picks)
     difference = compare(rows, student, control)
@@ -317,7 +317,7 @@ CLAIMS: dict[str, Claim] = {
             "distilling the Slow model into the Fast one improves the Fast one",
             TFS,
             "Distillation from the Slow model improves the Fast, indexable dual encoder.",
-            f"difference = distilled_tfs − control (the same fine-tuning with no teacher) headline text-to-image "
+            f"difference = distilled_tfs − control (notebook 02's dual encoder of the same seed: the same training with no teacher) headline text-to-image "
             f"R@1, over queries and seeds (the notebook-02 dual encoder when no control ran); {_EFFECT_RULE}.",
             check_tfs_distillation,
         ),

@@ -1,137 +1,103 @@
-"""Slow -> Fast distillation: the TFS way (Miech et al. 2021) and the DCD way (Rao et al. 2022).
+"""Slow -> Fast distillation while the student learns: the TFS way (Miech et al. 2021) and the DCD
+way (Rao et al. 2022).
 
-Both fine-tune the trained dual encoder (the student) on the same fixed batches for the same
-number of epochs; a control run does the same with no teacher, so a difference is the teacher's.
-The losses are :func:`fastslow.losses.distillation_loss`.
+The student is notebook 02's dual encoder trained with notebook 02's recipe (its initialisation for
+a seed, its random batches, epochs, learning rate and early stopping on validation RSUM) plus a
+distillation term. The control is the same run with the term off, which is notebook 02's dual
+encoder of that seed (:func:`fastslow.stages.train_or_load_dual_encoder`): a difference between a
+student and its control is the teacher's.
 
-Candidates are **in-batch**: each caption's candidates are the batch's images (and each image's
-the batch's captions). Batches are fixed once and made hard: each groups an image with its nearest
-neighbours under the student's own embedding, so the in-batch negatives are near-duplicates. Fixed
-batches let the teacher's ``B x B`` scores be computed once and cached: epochs after the first
-cost no teacher time.
+Candidates are in-batch and mined by the Fast model (notebook 02's dual encoder of the study's
+seed): for each caption of a batch, its own image first, then the ``candidates - 1`` other images
+of the batch the Fast model finds most similar to it (:func:`mine_in_batch`). The teacher scores
+these pairs once per (seed, epoch), cached (:class:`fastslow.stages.TeacherCandidates`), so the TFS
+and DCD runs of a seed share them. Only text-to-image is distilled: it is the direction both
+papers report first, and a captioning teacher's image-to-text scores measure the caption's prior as
+much as the match (notebook 03); the student's image-to-text side learns from its own InfoNCE.
 
-Losses, with ``S`` the student's scaled similarities and ``T`` the teacher's scores / ``tau_t``:
+The losses (:func:`fastslow.losses.tfs_distillation`, :func:`fastslow.losses.dcd_distillation`),
+with ``S`` the student's scaled similarities over a caption's candidates and ``T`` the teacher's:
 
-- TFS: ``L = alpha * InfoNCE(S) + (1 - alpha) * (KL_rows(T || S) + KL_cols(T || S)) / 2``, with
-  ``KL_rows(T || S) = mean_i KL(softmax(T_i) || softmax(S_i))`` over the whole batch.
-- DCD: the teacher keeps, for each query, the positive and its ``k`` highest-scored negatives
-  (DCD's official code keeps 7 of 63 drawn at random; we keep ``k`` of ``B - 1`` in-batch ones).
-  The KL is taken over those ``k + 1`` candidates only, each row weighted by
-  :func:`fastslow.losses.dynamic_sample_weights` (teacher entropy, shifting with training progress):
-  ``L = alpha * InfoNCE(S) + (1 - alpha) * (wKL_rows + wKL_cols) / 2`` with alpha = 0.2, which puts
-  0.8 on the teacher's term: DCD's official code puts 0.2 there instead.
+- TFS: ``InfoNCE + lambda * KL(softmax(T / tau) || softmax(S))`` over the first ``tfs_candidates``
+  candidates (the positive and the Fast model's hardest in-batch negatives); the student's logits
+  keep their own learned temperature.
+- DCD, as its official code computes it (``compute_irtr`` and ``KD_loss.distillation_loss`` in
+  raojay7/DCD): the teacher keeps the positive and its ``dcd_kept`` highest-scored negatives of the
+  candidates; ``0.2 * MSE(T, S) + 0.8 * sum_i w_i BCE_i``, the hard labels' binary cross-entropy of
+  each caption's kept candidates weighted by its share ``w_i`` of the batch's teacher entropy; added
+  to the student's own InfoNCE.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
+import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from fastslow.cache import load_or_build
-from fastslow.config import StudyConfig
-from fastslow.data.types import CaptionedImages
-from fastslow.inputs import model_input, text_input
-from fastslow.models.cross_attention import pair_scores, visual_tokens
-from fastslow.models.dual_encoder import DualEncoder, embed_images
+from fastslow.batches import PairBatches
+from fastslow.config import DistillConfig, StudyConfig
+from fastslow.losses import dcd_kept_columns, dcd_sample_weights
 
-log = logging.getLogger(__name__)
 
-# "control": the same fine-tuning with no teacher, so a difference is the teacher's.
+# "control": notebook 02's dual encoder (the same run with the distillation term off).
 METHODS = ("control", "tfs", "dcd")
 # The method words of summary.csv.
 METHOD_NAMES = {"control": "control", "tfs": "distilled_tfs", "dcd": "distilled_dcd"}
 
 
-def hard_batches(embeddings: torch.Tensor, batch_size: int, seed: int) -> np.ndarray:
-    """Group images into fixed batches of near neighbours: ``(batches, batch_size)`` indices.
-
-    Greedy: take a random unassigned image and its ``batch_size - 1`` most similar unassigned
-    images. Images left over (fewer than a batch) are dropped for the run.
-    """
-    rng = np.random.default_rng(seed)
-    similarity = (embeddings @ embeddings.T).numpy()
-    unassigned = np.ones(len(embeddings), dtype=bool)
-    batches = []
-    for anchor in rng.permutation(len(embeddings)):
-        if unassigned.sum() < batch_size:
-            break
-        if not unassigned[anchor]:
-            continue
-        candidates = np.where(unassigned, similarity[anchor], -np.inf)
-        members = np.argpartition(-candidates, batch_size - 1)[:batch_size]
-        unassigned[members] = False
-        batches.append(members)
-    return np.stack(batches)
-
-
-def fixed_captions(split: CaptionedImages, seed: int) -> np.ndarray:
-    """One caption per image, drawn once, so the teacher's cached scores stay valid every epoch."""
-    rng = np.random.default_rng(seed)
-    return np.array([rng.choice(captions) for captions in split.captions_by_image()])
-
-
-def teacher_batch_scores(teacher, visual, tokens: torch.Tensor, batches: np.ndarray, captions: np.ndarray, device: str) -> torch.Tensor:
-    """The teacher's ``(batches, B, B)`` scores: caption of image ``b[i]`` against image ``b[j]``."""
-    size = batches.shape[1]
-    everyone = torch.arange(size).expand(size, size)
-    scores = []
-    for batch in tqdm(batches, desc="teacher scores", leave=False):
-        gallery = visual_tokens(teacher, visual[batch], device)
-        scores.append(pair_scores(teacher, gallery, tokens[captions[batch]], everyone).float().cpu())
-    return torch.stack(scores)
+def mine_in_batch(
+    text_embeddings: torch.Tensor, image_embeddings: torch.Tensor, candidates: int
+) -> torch.Tensor:
+    """``(B, candidates)`` batch positions: row ``i`` is caption ``i``'s own image ``i``, then the
+    ``candidates - 1`` other images of the batch most similar to it (most similar first)."""
+    similarity = text_embeddings @ image_embeddings.T
+    similarity.fill_diagonal_(-torch.inf)
+    size = len(similarity)
+    hardest = similarity.topk(min(candidates, size) - 1, dim=1).indices
+    return torch.cat([torch.arange(size)[:, None], hardest], dim=1)
 
 
 class DistillBatches:
-    """One epoch over the fixed batches, in an order drawn from ``(seed, epoch)``."""
+    """Notebook 02's batches of one epoch, each with its captions' candidates and teacher scores."""
 
-    def __init__(self, visual, texts, batches, captions, teacher_scores, seed: int, epoch: int):
-        """``visual``: the training images as the student reads them (pixels or frozen features);
-        ``texts``: its text inputs per caption (token ids or frozen sentence features)."""
-        self.visual, self.texts, self.batches, self.captions = visual, texts, batches, captions
-        self.teacher_scores = teacher_scores
-        self.order = np.random.default_rng([seed, epoch]).permutation(len(batches))
+    def __init__(self, pairs: PairBatches, teacher: dict[str, torch.Tensor]):
+        self.pairs, self.teacher = pairs, teacher
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.pairs)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for b in self.order:
-            members = self.batches[b]
-            yield {
-                "images": model_input(self.visual[members]),
-                "texts": text_input(self.texts[self.captions[members]]),
-                "teacher": self.teacher_scores[b],
-            }
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch, candidates, scores in zip(self.pairs, self.teacher["candidates"], self.teacher["scores"]):
+            yield {**batch, "candidates": candidates, "teacher": scores}
 
 
-def distillation_key(cfg: StudyConfig, student_key: Any, teacher_key: Any, method: str, seed: int) -> dict[str, Any]:
-    return {"student": student_key, "teacher": teacher_key, "distill": cfg.distill, "method": method, "seed": seed}
+def distillation_key(cfg: StudyConfig, student_key: Any, fast_key: str, teacher_key: str, method: str) -> dict[str, Any]:
+    """What a student depends on: notebook 02's dual encoder config for its seed (``student_key``),
+    the Fast model that mines the candidates, the teacher, the distillation config and the method."""
+    return {"student": student_key, "fast": fast_key, "teacher": teacher_key, "distill": cfg.distill, "method": method}
 
 
-def prepare(cfg: StudyConfig, data, student: DualEncoder, teacher, student_key: Any, teacher_key: Any, seed: int) -> dict[str, Any]:
-    """Fixed batches, fixed captions and the teacher's cached scores on them, drawn from ``seed``:
-    seeds of a multi-seed comparison differ in their batches and captions as well as in their order."""
-    train = data.splits["train"]
-    batch_size = min(cfg.distill.train.batch_size, len(train))
-    key = {"student": student_key, "teacher": teacher_key, "batch_size": batch_size, "seed": seed}
+def candidates_summary(candidates: dict[str, torch.Tensor], config: DistillConfig) -> pd.DataFrame:
+    """What the teacher says about one epoch's candidates (:meth:`fastslow.stages.TeacherCandidates.epoch`): how
+    often it ranks the caption's own image first among all of them and among TFS's, and the spread
+    of DCD's per-caption weights (times the batch size, so 1 is a batch's mean)."""
+    scores = candidates["scores"]
 
-    def build() -> dict[str, Any]:
-        batches = hard_batches(embed_images(student, data.visual["train"], cfg.device), batch_size, seed=seed)
-        captions = fixed_captions(train, seed=seed)
-        texts = data.slow_texts("train", teacher.reads)
-        scores = teacher_batch_scores(teacher, data.visual["train"], texts, batches, captions, cfg.device)
-        return {"batches": batches, "captions": captions, "teacher_scores": scores}
+    def own_image_first(columns: int) -> float:
+        return 100.0 * (scores[..., :columns].argmax(-1) == 0).float().mean().item()
 
-    # The cache stores tensors (it loads with weights_only=True, which refuses numpy arrays).
-    return load_or_build(
-        "teacher_scores", key, build,
-        to_stored=lambda prepared: {**prepared, "batches": torch.from_numpy(prepared["batches"]),
-                                    "captions": torch.from_numpy(prepared["captions"])},
-        from_stored=lambda stored: {**stored, "batches": stored["batches"].numpy(),
-                                    "captions": stored["captions"].numpy()},
-    )
+    weights = torch.cat([
+        len(batch) * dcd_sample_weights(batch.gather(1, dcd_kept_columns(batch, config.dcd_kept)))
+        for batch in scores
+    ])
+    return pd.DataFrame([{
+        "captions": scores.shape[0] * scores.shape[1],
+        "candidates": scores.shape[2],
+        "teacher ranks own image first (%)": own_image_first(scores.shape[2]),
+        f"... among TFS's first {config.tfs_candidates} (%)": own_image_first(config.tfs_candidates),
+        "DCD weight min": weights.min().item(),
+        "DCD weight median": weights.median().item(),
+        "DCD weight max": weights.max().item(),
+    }]).round(2)

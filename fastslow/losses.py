@@ -47,35 +47,6 @@ def distillation_kl(
     return per_row.mean()
 
 
-def keep_hardest_negatives(teacher_scores: torch.Tensor, positives: torch.Tensor, k: int) -> torch.Tensor:
-    """DCD's teacher-picked candidate set: a boolean mask keeping each row's positive and the ``k``
-    negatives the teacher scores highest (the hardest ones)."""
-    rows = torch.arange(len(teacher_scores), device=teacher_scores.device)
-    negatives_only = teacher_scores.clone()
-    negatives_only[rows, positives] = float("-inf")
-    k = min(k, teacher_scores.shape[1] - 1)
-    keep = torch.zeros_like(teacher_scores, dtype=torch.bool)
-    keep.scatter_(1, negatives_only.topk(k, dim=1).indices, True)
-    keep[rows, positives] = True
-    return keep
-
-
-def dynamic_sample_weights(teacher_probs: torch.Tensor, progress: float, sharpness: float = 2.0) -> torch.Tensor:
-    """DCD-style dynamic weights, one per row, normalised to mean 1 over the batch.
-
-    With ``h_i`` the teacher's entropy over row i's kept candidates divided by its maximum
-    (``log`` of the number kept), and ``gamma(t) = sharpness * (1 - 2t)`` for training progress
-    ``t`` in [0, 1]:  ``w_i = B * softmax_i(gamma(t) * (1 - h_i))``. Early on (gamma > 0) the rows the
-    teacher is sure about weigh most: reliable knowledge first; late (gamma < 0) the rows it finds
-    ambiguous (hard near-duplicates among the kept negatives) weigh most. At t = 0.5 all weights are 1.
-    """
-    present = teacher_probs > 0
-    entropy = -(teacher_probs.clamp_min(1e-12).log() * teacher_probs).masked_fill(~present, 0.0).sum(-1)
-    normalised = entropy / present.sum(-1).clamp_min(2).float().log()
-    gamma = sharpness * (1.0 - 2.0 * progress)
-    return len(teacher_probs) * torch.softmax(gamma * (1.0 - normalised), dim=0)
-
-
 def captioning_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
     """Teacher-forced captioning loss: next-token cross-entropy averaged over the real (non-padding)
     target tokens of the batch. ``logits`` is ``(..., vocab)``, ``targets`` the matching ``(...)``."""
@@ -162,32 +133,81 @@ def cross_attention_loss(
     return loss_fn
 
 
-def distillation_loss(
-    method: str, config: DistillConfig, logits: torch.Tensor, teacher: torch.Tensor, progress: float
+def tfs_distillation(
+    config: DistillConfig, logits: torch.Tensor, candidates: torch.Tensor, teacher: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """A student's loss on one batch (formulas in :mod:`fastslow.distill`): its own contrastive
-    loss alone (``control``), plus the TFS KL term, or plus DCD's weighted KL over the
-    teacher-picked hard candidates. ``teacher``: the teacher's scores of the batch's pairs."""
+    """TFS's term on a batch: ``lambda * KL(softmax(T / tau) || softmax(S))`` over each caption's
+    first ``config.tfs_candidates`` candidates. The student's logits ``S`` carry their own learned
+    temperature (CLIP's logit scale), so only the teacher's scores are softened by ``tau``
+    (Hinton et al. divide both and multiply by ``tau^2``; with a learned student scale that would
+    scale its logits twice). ``logits``: the student's ``(B, B)`` caption-by-image logits;
+    ``candidates``: ``(B, C)`` batch positions of each caption's candidates, ``teacher`` their
+    ``(B, C)`` teacher scores."""
+    kept = config.tfs_candidates
+    student = logits.gather(1, candidates[:, :kept])
+    kl = distillation_kl(student, teacher[:, :kept], teacher_temperature=config.tfs_temperature)
+    return config.tfs_weight * kl, {"kl": kl.item()}
+
+
+def dcd_sample_weights(teacher: torch.Tensor) -> torch.Tensor:
+    """DCD's per-caption weights (its code's ``t_weight``): each row's teacher entropy over its kept
+    candidates (softmax of the scores, temperature 1) as a share of the batch's total, so the rows
+    the teacher is least sure about weigh most and the weights sum to 1."""
+    probs = torch.softmax(teacher, dim=-1)
+    negative_entropy = (probs * probs.clamp_min(1e-12).log()).sum(-1)
+    return negative_entropy / negative_entropy.sum()
+
+
+def dcd_kept_columns(teacher: torch.Tensor, kept: int) -> torch.Tensor:
+    """DCD's teacher-picked candidates: per row, column 0 (the positive) and the ``kept`` columns of
+    the others the teacher scores highest (its hardest negatives), as ``(B, 1 + kept)`` columns."""
+    negatives = teacher[:, 1:].topk(min(kept, teacher.shape[1] - 1), dim=1).indices + 1
+    return torch.cat([torch.zeros_like(negatives[:, :1]), negatives], dim=1)
+
+
+def dcd_distillation(
+    config: DistillConfig, logits: torch.Tensor, candidates: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DCD's loss on a batch, as its official code computes it (``KD_loss.distillation_loss`` called
+    by ``compute_irtr``, temperature 1): the teacher keeps each caption's positive (column 0 of
+    ``candidates``) and its ``config.dcd_kept`` highest-scored negatives; over those,
+    ``w * MSE(T, S) + (1 - w) * sum_i w_i BCE(S_i, [1, 0, ..., 0])`` with ``w`` =
+    ``config.dcd_distillation_weight`` (0.2 there) and ``w_i`` :func:`dcd_sample_weights`.
+
+    The code also weighs its MSE by a softmax over the rows, but multiplies an MSE already averaged
+    to one number, so those weights sum out; we leave them out. Its scores are a matching head's
+    logits for teacher and student alike; ours are a Slow model's scores and a dual encoder's
+    scaled cosines, so the MSE compares them after subtracting each row's mean (what a softmax over
+    the candidates ignores too)."""
+    kept = dcd_kept_columns(teacher, config.dcd_kept)
+    teacher_kept = teacher.gather(1, kept)
+    student_kept = logits.gather(1, candidates.gather(1, kept))
+    distillation = F.mse_loss(
+        student_kept - student_kept.mean(-1, keepdim=True), teacher_kept - teacher_kept.mean(-1, keepdim=True)
+    )
+    labels = torch.zeros_like(student_kept)
+    labels[:, 0] = 1.0
+    per_row = F.binary_cross_entropy_with_logits(student_kept, labels, reduction="none").mean(-1)
+    weights = dcd_sample_weights(teacher_kept)
+    hard_labels = (weights * per_row).sum()
+    w = config.dcd_distillation_weight
+    extras = {"mse": distillation.item(), "hard_labels": hard_labels.item(),
+              "weight_min": weights.min().item() * len(weights), "weight_max": weights.max().item() * len(weights)}
+    return w * distillation + (1 - w) * hard_labels, extras
+
+
+def distillation_loss(
+    method: str, config: DistillConfig, logits: torch.Tensor, candidates: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A student's loss on one batch: notebook 02's InfoNCE plus the method's distillation term
+    (``control``: none). ``logits``: ``(B, B)`` caption-by-image; ``candidates`` and ``teacher``:
+    :class:`fastslow.distill.DistillBatches`' fields."""
     contrastive = symmetric_info_nce(logits)
     if method == "control":
         return contrastive, {}
-    teacher_logits = teacher / config.teacher_temperature
-    if method == "tfs":
-        kl = 0.5 * (distillation_kl(logits, teacher_logits) + distillation_kl(logits.T, teacher_logits.T))
-        return config.tfs_alpha * contrastive + (1 - config.tfs_alpha) * kl, {"kl": kl.item()}
-    diagonal = torch.arange(len(logits), device=logits.device)
-    directions = []
-    extras: dict[str, float] = {}
-    for name, student, scores in (("t2i", logits, teacher_logits), ("i2t", logits.T, teacher_logits.T)):
-        keep = keep_hardest_negatives(scores, diagonal, config.dcd_hard_negatives)
-        kept_scores = scores.masked_fill(~keep, float("-inf"))
-        weights = dynamic_sample_weights(torch.softmax(kept_scores, dim=-1), progress, config.dcd_sharpness)
-        directions.append(distillation_kl(student, kept_scores, weights=weights))
-        extras[f"weight_min_{name}"] = weights.min().item()
-        extras[f"weight_max_{name}"] = weights.max().item()
-    kl = 0.5 * (directions[0] + directions[1])
-    extras["kl"] = kl.item()
-    return config.dcd_alpha * contrastive + (1 - config.dcd_alpha) * kl, extras
+    term = {"tfs": tfs_distillation, "dcd": dcd_distillation}[method]
+    distillation, extras = term(config, logits, candidates, teacher)
+    return contrastive + distillation, {"contrastive": contrastive.item(), **extras}
 
 
 def matching_loss(model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:

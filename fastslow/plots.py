@@ -144,20 +144,6 @@ def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int | None
     return fig
 
 
-def dynamic_weights(history: dict):
-    """The smallest and largest DCD sample weight of each batch, over training."""
-    steps = pd.DataFrame(history["steps"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for direction in ("t2i", "i2t"):
-        ax.plot(steps["step"], steps[f"weight_max_{direction}"], label=f"largest weight ({direction})")
-        ax.plot(steps["step"], steps[f"weight_min_{direction}"], linestyle="--", label=f"smallest weight ({direction})")
-    ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set(xlabel="step", ylabel="sample weight (batch mean = 1)", title="DCD dynamic weights over training")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def speed_accuracy(points: pd.DataFrame, title: str = "speed and accuracy"):
     """Text-to-image R@1 against per-query latency (log scale); one marker per method and K.
 

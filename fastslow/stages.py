@@ -34,8 +34,8 @@ from fastslow.losses import (
     matching_loss,
     symmetric_info_nce,
 )
-from fastslow.models.cross_attention import CrossAttentionModel, keep_twins_together
-from fastslow.models.dual_encoder import DualEncoder
+from fastslow.models.cross_attention import CrossAttentionModel, keep_twins_together, pair_scores, visual_tokens
+from fastslow.models.dual_encoder import DualEncoder, embed_images, embed_texts
 from fastslow.models.matching import MatchingModel
 from fastslow.models.pretrained import minilm_word_table, text_backbone
 from fastslow.negatives import LookAlikeBatches, NegativeBatches, NegativePools, mine_pools
@@ -249,10 +249,7 @@ def train_or_load_dual_encoder(cfg: StudyConfig, data: Study | None = None) -> T
         return symmetric_info_nce(model(batch["images"], batch["texts"]))
 
     def epoch_batches(epoch: int) -> PairBatches:
-        return PairBatches(
-            train, data.tokens["train"], cfg.train_dual.batch_size, cfg.seed, epoch,
-            data.visual["train"], data.texts["train"],
-        )
+        return dual_encoder_batches(cfg, data, cfg.seed, epoch)
 
     return train_or_load(
         "dual_encoder",
@@ -424,38 +421,90 @@ def best_validation_score(trained: Trained) -> float:
 # --- students: the Fast model distilled from the Slow one ---------------------------------------
 
 
+def dual_encoder_batches(cfg: StudyConfig, data: Study, seed: int, epoch: int) -> PairBatches:
+    """The batches of notebook 02's dual encoder trained with ``seed``, which its students see too:
+    every training image once per epoch with one of its captions, in an order drawn from
+    ``(seed, epoch)``."""
+    return PairBatches(
+        data.splits["train"], data.tokens["train"], cfg.train_dual.batch_size, seed, epoch,
+        data.visual["train"], data.texts["train"],
+    )
+
+
+class TeacherCandidates:
+    """The teacher's scores of every training caption's in-batch candidates, per (seed, epoch).
+
+    ``fast`` mines the candidates (:func:`fastslow.distill.mine_in_batch` on its embeddings of the training split)
+    and ``slow`` scores them; both are computed only when an epoch is not cached yet."""
+
+    def __init__(self, cfg: StudyConfig, data: Study, fast: Trained, slow: Trained):
+        self.cfg, self.data, self.fast, self.slow = cfg, data, fast, slow
+
+    @functools.cached_property
+    def _fast_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.cfg.device
+        images = embed_images(self.fast.model, self.data.visual["train"], device).cpu()
+        return embed_texts(self.fast.model, self.data.texts["train"], device).cpu(), images
+
+    @functools.cached_property
+    def _gallery(self) -> torch.Tensor:
+        with torch.no_grad():
+            return visual_tokens(self.slow.model, self.data.visual["train"], self.cfg.device)
+
+    def epoch(self, seed: int, epoch: int) -> dict[str, torch.Tensor]:
+        """``candidates``: ``(batches, B, C)`` positions in each batch (the positive first);
+        ``scores``: the teacher's ``(batches, B, C)`` scores of those pairs."""
+        key = {
+            "fast": self.fast.config_hash, "teacher": self.slow.config_hash,
+            "batch_size": self.cfg.train_dual.batch_size, "candidates": self.cfg.distill.candidates,
+            "seed": seed, "epoch": epoch,
+        }
+        return load_or_build("teacher_candidates", key, lambda: self._build(seed, epoch))
+
+    def _build(self, seed: int, epoch: int) -> dict[str, torch.Tensor]:
+        batches = dual_encoder_batches(self.cfg, self.data, seed, epoch)
+        texts, images = self._fast_embeddings
+        slow_texts = self.data.slow_texts("train", self.slow.model.reads)
+        size = batches.batch_size
+        all_candidates, all_scores = [], []
+        for b in tqdm(range(len(batches)), desc=f"teacher scores (seed {seed}, epoch {epoch + 1})", leave=False):
+            members = torch.as_tensor(batches.order[b * size : (b + 1) * size])
+            captions = torch.as_tensor(batches.caption_of[members.numpy()])
+            candidates = distill.mine_in_batch(texts[captions], images[members], self.cfg.distill.candidates)
+            with torch.no_grad():
+                scores = pair_scores(self.slow.model, self._gallery, slow_texts[captions], members[candidates])
+            all_candidates.append(candidates)
+            all_scores.append(scores.float())
+        return {"candidates": torch.stack(all_candidates), "scores": torch.stack(all_scores)}
+
+
 def train_or_load_student(cfg: StudyConfig, data: Study, method: str, seed: int, *, fast: Trained, slow: Trained) -> Trained:
-    """The dual encoder ``fast`` fine-tuned with ``method`` ("tfs", "dcd", or "control": no
-    teacher) from the Slow model ``slow`` (the teacher), on fixed hard batches (:mod:`fastslow.distill`)."""
+    """Notebook 02's dual encoder trained with ``seed`` and its recipe, plus ``method``'s
+    distillation term from the Slow model ``slow`` over in-batch candidates ``fast`` mines
+    (:mod:`fastslow.distill`); ``control`` (no term) is notebook 02's dual encoder of that seed."""
     if method not in distill.METHODS:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(distill.METHODS)}")
+    student_cfg = dataclasses.replace(cfg, seed=seed)
+    if method == "control":
+        return train_or_load_dual_encoder(student_cfg, data)
     train = data.splits["train"]
-    prepared = distill.prepare(cfg, data, fast.model, slow.model, fast.config_hash, slow.config_hash, seed)
-    key = distill.distillation_key(cfg, fast.config_hash, slow.config_hash, method, seed)
-
-    def make_model() -> DualEncoder:
-        model = DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, train.frames)
-        model.load_state_dict(fast.model.state_dict())
-        return model
+    teacher = TeacherCandidates(cfg, data, fast, slow)
 
     def loss_fn(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float):
         logits = model(batch["images"], batch["texts"])
-        return distillation_loss(method, cfg.distill, logits, batch["teacher"], progress)
+        return distillation_loss(method, cfg.distill, logits, batch["candidates"], batch["teacher"])
 
     def epoch_batches(epoch: int) -> distill.DistillBatches:
-        return distill.DistillBatches(
-            data.visual["train"], data.texts["train"], prepared["batches"], prepared["captions"],
-            prepared["teacher_scores"], seed, epoch,
-        )
+        return distill.DistillBatches(dual_encoder_batches(cfg, data, seed, epoch), teacher.epoch(seed, epoch))
 
     return train_or_load(
         f"distilled_{method}",
-        key,
-        make_model,
+        distill.distillation_key(cfg, dual_encoder_key(student_cfg), fast.config_hash, slow.config_hash, method),
+        lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, train.frames),
         loss_fn=loss_fn,
         epoch_batches=epoch_batches,
         validate=dual_encoder_validation(data, cfg.device),
-        train_config=cfg.distill.train,
+        train_config=cfg.train_dual,
         seed=seed,
         device=cfg.device,
     )
