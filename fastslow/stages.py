@@ -434,8 +434,8 @@ def dual_encoder_batches(cfg: StudyConfig, data: Study, seed: int, epoch: int) -
 class TeacherCandidates:
     """The teacher's scores of every training caption's in-batch candidates, per (seed, epoch).
 
-    ``fast`` mines the candidates (:func:`fastslow.distill.mine_in_batch` on its embeddings of the training split)
-    and ``slow`` scores them; both are computed only when an epoch is not cached yet."""
+    ``fast`` mines the candidates (:func:`fastslow.distill.mine_in_batch` on its embeddings of the
+    training split) and ``slow`` scores them; both run only for an epoch not cached yet."""
 
     def __init__(self, cfg: StudyConfig, data: Study, fast: Trained, slow: Trained):
         self.cfg, self.data, self.fast, self.slow = cfg, data, fast, slow
@@ -467,7 +467,8 @@ class TeacherCandidates:
         slow_texts = self.data.slow_texts("train", self.slow.model.reads)
         size = batches.batch_size
         all_candidates, all_scores = [], []
-        for b in tqdm(range(len(batches)), desc=f"teacher scores (seed {seed}, epoch {epoch + 1})", leave=False):
+        progress = tqdm(range(len(batches)), desc=f"teacher scores (seed {seed}, epoch {epoch + 1})", leave=False)
+        for b in progress:
             members = torch.as_tensor(batches.order[b * size : (b + 1) * size])
             captions = torch.as_tensor(batches.caption_of[members.numpy()])
             candidates = distill.mine_in_batch(texts[captions], images[members], self.cfg.distill.candidates)
