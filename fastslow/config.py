@@ -222,6 +222,9 @@ class PretrainedBudget:
     cross_ablation: CrossAblationConfig
     headline_captions_per_image: int
     rerank: RerankConfig
+    # The study's Slow model: the mean of this many models of the chosen kind, trained with seeds
+    # seed, seed + 1, ... (fastslow.models.matching.SlowEnsemble).
+    slow_members: int = 1
 
 
 # The Slow models on real photographs: the matching model (fastslow.models.matching, "itm",
@@ -324,6 +327,7 @@ PROFILES: dict[str, Profile] = {
             ),
             headline_captions_per_image=5,
             rerank=RerankConfig(latency_queries=5, scale_sizes=(1_000, 10_000, 100_000)),
+            slow_members=3,
         ),
     ),
     "full": Profile(
@@ -394,6 +398,7 @@ class StudyConfig:
     cross_ablation: CrossAblationConfig
     rerank: RerankConfig
     headline_captions_per_image: int
+    slow_members: int = 1  # PretrainedBudget.slow_members
     seed: int = 0
     device: str = "cpu"
 
@@ -445,6 +450,7 @@ def make_config(
         cross_ablation=budget.cross_ablation if budget else chosen.cross_ablation,
         rerank=budget.rerank if budget else chosen.rerank,
         headline_captions_per_image=(budget or chosen).headline_captions_per_image,
+        slow_members=budget.slow_members if budget else 1,
         seed=seed,
         device=device or default_device(),
     )

@@ -36,7 +36,7 @@ from fastslow.losses import (
 )
 from fastslow.models.cross_attention import CrossAttentionModel, keep_twins_together, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, embed_images, embed_texts
-from fastslow.models.matching import MatchingModel
+from fastslow.models.matching import MatchingModel, SlowEnsemble
 from fastslow.models.pretrained import minilm_word_table, text_backbone
 from fastslow.negatives import LookAlikeBatches, NegativeBatches, NegativePools, mine_pools
 from fastslow.scoring import cross_attention_scores, dual_encoder_scores
@@ -403,14 +403,27 @@ def best_slow_model(
 ) -> tuple[str, Trained]:
     """The Slow model the study uses downstream (re-ranking, teacher), and the name of its kind:
     the candidate with the best validation RSUM on the ablations' budget
-    (:func:`trained_slow_candidates`), trained again on the full budget ``cfg.train_cross``.
+    (:func:`trained_slow_candidates`), trained again on the full budget ``cfg.train_cross``, with
+    ``cfg.slow_members`` seeds whose scores it averages when more than one.
 
     Choosing on the smaller budget lets every kind be tried at a fraction of the cost of the full
     one (on Flickr8k a captioning epoch costs several matching ones), and only the chosen kind pays
     for the full budget. ``candidates``: :func:`trained_slow_candidates`, when the caller has them."""
     candidates = candidates or trained_slow_candidates(cfg, data)
     best = max(candidates, key=lambda name: best_validation_score(candidates[name]))
-    return best, train_or_load_cross_attention(cfg, data, **slow_candidates(cfg)[best])
+    variant = slow_candidates(cfg)[best]
+    members = [
+        train_or_load_cross_attention(dataclasses.replace(cfg, seed=cfg.seed + i), data, **variant)
+        for i in range(cfg.slow_members)
+    ]
+    if len(members) == 1:
+        return best, members[0]
+    # The first member's history stands for the ensemble's (early stopping, curves).
+    return best, Trained(
+        SlowEnsemble([member.model for member in members]), members[0].history,
+        config_hash([member.config_hash for member in members]),
+        sum(member.train_seconds for member in members),
+    )
 
 
 def best_validation_score(trained: Trained) -> float:

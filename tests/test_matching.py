@@ -11,7 +11,7 @@ from fastslow.data.types import CaptionedImages
 from fastslow.inputs import FEATURE_CHANNELS, FeatureImages
 from fastslow.losses import matching_loss
 from fastslow.models.cross_attention import gather_keys_values, pair_scores, visual_tokens
-from fastslow.models.matching import MatchingModel
+from fastslow.models.matching import MatchingModel, SlowEnsemble
 from fastslow.negatives import (
     LookAlikeBatches,
     NegativeBatches,
@@ -237,3 +237,19 @@ def test_gathered_keys_values_have_index_selects_values_and_gradients():
     for ours, reference in zip(*gradients):
         torch.testing.assert_close(ours, reference)
     assert gradients[0][1][2].abs().sum() == 0  # image 2 was never gathered
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_through_one_gallery():
+    first = matching_model()
+    torch.manual_seed(1)
+    config = CrossAttentionConfig(encoder=PRETRAINED, objective="itm", upsample_steps=1)
+    second = MatchingModel(config, DualEncoderConfig(encoder=PRETRAINED, embed_dim=16), 64, TEXT_WIDTH).eval()
+    ensemble = SlowEnsemble([first, second])
+    images, texts = features(4), token_states([5, 3, 7])
+    candidates = torch.tensor([[0, 1], [2, 3], [3, 0]])
+    members = [pair_scores(m, visual_tokens(m, images), texts, candidates) for m in (first, second)]
+    gallery = visual_tokens(ensemble, images)
+    assert gallery.shape[-1] == 2 * visual_tokens(first, images).shape[-1]
+    torch.testing.assert_close(pair_scores(ensemble, gallery, texts, candidates), (members[0] + members[1]) / 2)
+    assert not torch.allclose(members[0], members[1])
+    assert ensemble.reads == first.reads and ensemble.grid_shape == first.grid_shape

@@ -100,6 +100,7 @@ def test_the_pretrained_budget_trims_the_slow_ablations_and_a_profile_can_skip_t
     cfg = make_config("quick", dataset="flickr8k", data_dir="x", backbone="pretrained")
     assert cfg.cross_ablation.upsample_steps == (0, 1) and make_config("quick").cross_ablation.upsample_steps == (0, 1, 2)
     assert cfg.cross.objective == "itm" and cfg.headline_captions_per_image == 5
+    assert cfg.slow_members == 3 and make_config("quick").slow_members == 1
     assert max(cfg.rerank.scale_sizes) == 100_000 and max(make_config("quick").rerank.scale_sizes) == 1_000_000
     skipped = evaluation.cross_attention_variants(cfg, None, {"up0": {"upsample_steps": 0}}, np.array([], dtype=np.int64))
     assert skipped == {}, "no variant is trained (data=None would fail) when there are no queries"
