@@ -163,6 +163,11 @@ class DistillConfig:
     dcd_kept: int = 7
     dcd_distillation_weight: float = 0.2
     seeds: tuple[int, ...] = (0, 1, 2)
+    # The ablation "fine-tune a converged dual encoder" (the study's first recipe, fixed): notebook
+    # 02's dual encoder trained on with the TFS term for a few epochs, restarting at a twentieth of
+    # its training's peak learning rate.
+    finetune_epochs: int = 2
+    finetune_lr: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -326,7 +331,9 @@ PROFILES: dict[str, Profile] = {
                 TrainConfig(epochs=2, batch_size=64, lr=1e-3), queries=200, upsample_steps=(0, 1)
             ),
             headline_captions_per_image=5,
-            rerank=RerankConfig(latency_queries=5, scale_sizes=(1_000, 10_000, 100_000)),
+            rerank=RerankConfig(
+                validation_queries=2500, latency_queries=5, scale_sizes=(1_000, 10_000, 100_000)
+            ),
             slow_members=3,
         ),
     ),

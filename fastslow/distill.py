@@ -38,6 +38,8 @@ import torch
 
 from fastslow.batches import PairBatches
 from fastslow.config import DistillConfig, StudyConfig
+from fastslow.intervals import paired_difference
+from fastslow.metrics import rank_summary
 from fastslow.losses import dcd_kept_columns, dcd_sample_weights
 
 
@@ -45,6 +47,14 @@ from fastslow.losses import dcd_kept_columns, dcd_sample_weights
 METHODS = ("control", "tfs", "dcd")
 # The method words of summary.csv.
 METHOD_NAMES = {"control": "control", "tfs": "distilled_tfs", "dcd": "distilled_dcd"}
+
+
+# The settings each method's term reads: what its students' cache key holds of DistillConfig, so a
+# change to one method's settings (or to the seeds) retrains no other student.
+TERM_SETTINGS = {
+    "tfs": ("candidates", "tfs_candidates", "tfs_weight", "tfs_temperature"),
+    "dcd": ("candidates", "dcd_kept", "dcd_distillation_weight"),
+}
 
 
 def mine_in_batch(
@@ -75,8 +85,31 @@ class DistillBatches:
 
 def distillation_key(cfg: StudyConfig, student_key: Any, fast_key: str, teacher_key: str, method: str) -> dict[str, Any]:
     """What a student depends on: notebook 02's dual encoder config for its seed (``student_key``),
-    the Fast model that mines the candidates, the teacher, the distillation config and the method."""
-    return {"student": student_key, "fast": fast_key, "teacher": teacher_key, "distill": cfg.distill, "method": method}
+    the Fast model that mines the candidates, the teacher, the method and its term's settings."""
+    settings = {name: getattr(cfg.distill, name) for name in TERM_SETTINGS[method]}
+    return {"student": student_key, "fast": fast_key, "teacher": teacher_key, "distill": settings, "method": method}
+
+
+def finetune_key(cfg: StudyConfig, fast_key: str, teacher_key: str, method: str) -> dict[str, Any]:
+    """What a fine-tuned dual encoder depends on: the Fast model it starts from (which also mines
+    the candidates), the teacher, the method with its term's settings, and the fine-tuning budget."""
+    key = distillation_key(cfg, "starts from the Fast model", fast_key, teacher_key, method)
+    return key | {"epochs": cfg.distill.finetune_epochs, "lr": cfg.distill.finetune_lr}
+
+
+def compare_to(ranks: dict[str, Any], baseline: str) -> pd.DataFrame:
+    """Text-to-image R@1 of each model's ``ranks`` (one array per model, the same queries in the
+    same order) and its paired difference from ``baseline``'s (``difference``, in R@1 points), with
+    the 95% interval (``low``, ``high``) and verdict."""
+    rows = []
+    for name, model_ranks in ranks.items():
+        row = {"model": name, "R@1": rank_summary(model_ranks)["R@1"]}
+        if name != baseline:
+            difference = paired_difference(model_ranks, ranks[baseline], 1)
+            row |= {"difference": difference.mean, "low": difference.lo, "high": difference.hi,
+                    "verdict": difference.verdict}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
 
 
 def candidates_summary(candidates: dict[str, torch.Tensor], config: DistillConfig) -> pd.DataFrame:

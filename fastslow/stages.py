@@ -180,14 +180,20 @@ def train_or_load(
     train_config,
     seed: int,
     device: str,
+    start_from: nn.Module | None = None,
+    **fit_options,
 ) -> Trained:
     """Load ``stage``'s cached weights for ``key``, or train them with :func:`fastslow.train.fit`.
 
     The model is built under ``seed`` (:func:`build_seeded`), so its initial weights depend on its
-    config alone, never on what ran before in the process. Cached weights that do not fit the model
-    as the code builds it now (another form of it, under the same config) are trained again."""
+    config alone, never on what ran before in the process; ``start_from``: a trained model whose
+    weights it starts from instead (``key`` must name them). Cached weights that do not fit the
+    model as the code builds it now (another form of it, under the same config) are trained again.
+    ``fit_options`` go to :func:`fastslow.train.fit`."""
     checkpoint = artifact_path(stage, key, ".ckpt")
     model = build_seeded(make_model, seed)
+    if start_from is not None:
+        model.load_state_dict(start_from.state_dict())
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
     def build() -> dict[str, Any]:
@@ -202,6 +208,7 @@ def train_or_load(
             device=device,
             checkpoint=checkpoint,
             desc=stage,
+            **fit_options,
         )
         seconds = time.perf_counter() - started
         state = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -501,27 +508,58 @@ def train_or_load_student(cfg: StudyConfig, data: Study, method: str, seed: int,
     student_cfg = dataclasses.replace(cfg, seed=seed)
     if method == "control":
         return train_or_load_dual_encoder(student_cfg, data)
-    train = data.splits["train"]
-    teacher = TeacherCandidates(cfg, data, fast, slow)
-
-    def loss_fn(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float):
-        logits = model(batch["images"], batch["texts"])
-        return distillation_loss(method, cfg.distill, logits, batch["candidates"], batch["teacher"])
-
-    def epoch_batches(epoch: int) -> distill.DistillBatches:
-        return distill.DistillBatches(dual_encoder_batches(cfg, data, seed, epoch), teacher.epoch(seed, epoch))
-
     return train_or_load(
         f"distilled_{method}",
         distill.distillation_key(cfg, dual_encoder_key(student_cfg), fast.config_hash, slow.config_hash, method),
-        lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, train.frames),
-        loss_fn=loss_fn,
-        epoch_batches=epoch_batches,
+        lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, data.splits["train"].frames),
+        loss_fn=_distillation_loss_fn(cfg, method),
+        epoch_batches=_distillation_batches(cfg, data, seed, TeacherCandidates(cfg, data, fast, slow)),
         validate=dual_encoder_validation(data, cfg.device),
         train_config=cfg.train_dual,
         seed=seed,
         device=cfg.device,
     )
+
+
+def train_or_load_finetuned(cfg: StudyConfig, data: Study, method: str, *, fast: Trained, slow: Trained) -> Trained:
+    """The ablation "fine-tune a converged dual encoder": the Fast model ``fast`` (notebook 02's dual
+    encoder of the study's seed) trained on for ``cfg.distill.finetune_epochs`` epochs with
+    ``method``'s term, on the batches and teacher candidates of its own first epochs, restarting at
+    ``cfg.distill.finetune_lr``. The study's first recipe, with its defects fixed: random batches
+    (not nearest-neighbour ones full of false negatives), BatchNorm's statistics frozen, and the
+    starting weights scored on validation (epoch 0), so they are kept if no epoch beats them."""
+    if method not in distill.TERM_SETTINGS:
+        raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(distill.TERM_SETTINGS)}")
+    finetune = dataclasses.replace(cfg.train_dual, epochs=cfg.distill.finetune_epochs, lr=cfg.distill.finetune_lr)
+    return train_or_load(
+        f"finetuned_{method}",
+        distill.finetune_key(cfg, fast.config_hash, slow.config_hash, method),
+        lambda: DualEncoder(data.tokenizer.vocab_size, cfg.dual, cfg.data.image_size, data.splits["train"].frames),
+        loss_fn=_distillation_loss_fn(cfg, method),
+        epoch_batches=_distillation_batches(cfg, data, cfg.seed, TeacherCandidates(cfg, data, fast, slow)),
+        validate=dual_encoder_validation(data, cfg.device),
+        train_config=finetune,
+        seed=cfg.seed,
+        device=cfg.device,
+        start_from=fast.model,
+        validate_start=True,
+        freeze_batchnorm=True,
+    )
+
+
+def _distillation_loss_fn(cfg: StudyConfig, method: str):
+    def loss_fn(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float):
+        logits = model(batch["images"], batch["texts"])
+        return distillation_loss(method, cfg.distill, logits, batch["candidates"], batch["teacher"])
+
+    return loss_fn
+
+
+def _distillation_batches(cfg: StudyConfig, data: Study, seed: int, teacher: TeacherCandidates):
+    def epoch_batches(epoch: int) -> distill.DistillBatches:
+        return distill.DistillBatches(dual_encoder_batches(cfg, data, seed, epoch), teacher.epoch(seed, epoch))
+
+    return epoch_batches
 
 
 def train_or_load_students(cfg: StudyConfig, data: Study, *, fast: Trained, slow: Trained) -> dict[tuple[str, int], Trained]:

@@ -60,6 +60,8 @@ def fit(
     device: str = "cpu",
     checkpoint: Path | None = None,
     desc: str = "train",
+    validate_start: bool = False,
+    freeze_batchnorm: bool = False,
 ) -> dict[str, list[dict[str, float]]]:
     """Train ``model`` in place and return its history (per-epoch and per-step records).
 
@@ -67,6 +69,11 @@ def fit(
     change as training goes, such as DCD's, use it) and returns a loss, or a loss and a dict of
     scalars to log. ``epoch_batches(epoch)`` must be deterministic in ``epoch`` so a resumed run
     sees the same data. ``validate(model)`` returns a score where higher is better.
+
+    Fine-tuning a trained model: ``validate_start`` scores the weights it starts from as epoch 0,
+    so they are kept if no epoch beats them; ``freeze_batchnorm`` keeps BatchNorm's running
+    statistics as they are (its scale and shift still learn), so batches unlike the ones it was
+    trained on cannot move them.
     """
     torch.manual_seed(seed)
     model.to(device)
@@ -89,10 +96,21 @@ def fit(
         log.info("%s: resuming after epoch %d from %s", desc, state["epoch"], checkpoint)
 
     history = state["history"]
+    if validate_start and not history["epochs"]:
+        model.eval()
+        with torch.no_grad():
+            score = validate(model)
+        history["epochs"].append({"epoch": 0, "train_loss": math.nan, "val_score": score, "seconds": 0.0})
+        log.info("%s: validation %.2f before training", desc, score)
+        state.update(best_score=score, best_weights=copy.deepcopy(model.state_dict()))
     for epoch in range(state["epoch"], config.epochs):
         if state["stopped"]:
             break
         model.train()
+        if freeze_batchnorm:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         started = time.perf_counter()
         losses = []
         batches = tqdm(epoch_batches(epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}", leave=False)

@@ -179,6 +179,34 @@ def test_fit_stops_early_when_validation_stalls():
     assert len(history["epochs"]) == 3  # the first sets the best, two without improvement stop it
 
 
+def test_fit_keeps_the_weights_it_starts_from_when_validated_first_and_no_epoch_beats_them():
+    loss_fn, epoch_batches, _ = _regression_task()
+    model = _Regression()
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    worse_each_epoch = iter(range(0, -100, -1))
+    history = fit(model, loss_fn, epoch_batches, lambda m: next(worse_each_epoch), TrainConfig(epochs=3, lr=0.05),
+                  seed=0, validate_start=True)
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2, 3]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, start[name], msg=name)
+
+
+def test_fit_with_batchnorm_frozen_leaves_its_running_statistics_alone():
+    x = torch.randn(64, 4) * 3 + 5
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    before = model[1].running_mean.clone(), model[1].running_var.clone()
+
+    def loss_fn(m, batch, progress):
+        return m(batch).pow(2).mean()
+
+    config = TrainConfig(epochs=2, lr=0.01)
+    fit(model, loss_fn, lambda epoch: [x[:32], x[32:]], lambda m: 0.0, config, seed=0, freeze_batchnorm=True)
+    assert torch.equal(model[1].running_mean, before[0]) and torch.equal(model[1].running_var, before[1])
+    assert not torch.equal(model[1].weight, torch.ones(4)), "its scale still learns"
+    fit(model, loss_fn, lambda epoch: [x[:32], x[32:]], lambda m: 0.0, config, seed=0)
+    assert not torch.equal(model[1].running_mean, before[0])
+
+
 def test_a_row_carries_its_interval_and_its_ranks(tmp_path):
     scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.3, 0.4, 0.2], [0.1, 0.0, 0.7]])
     measured = metrics.retrieval_metrics(scores, np.array([0, 1, 1, 2]))

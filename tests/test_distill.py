@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +144,40 @@ def test_teacher_candidates_are_the_teachers_scores_of_the_mined_pairs_of_each_b
     expected = pair_scores(slow.model, gallery, first["tokens"], images)
     torch.testing.assert_close(epoch["scores"][0], expected)
     assert not torch.equal(epoch["candidates"], teacher.epoch(seed=0, epoch=1)["candidates"])
+
+
+def test_a_students_cache_key_holds_its_own_terms_settings_only():
+    cfg = make_config("smoke")
+
+    def key(distill_cfg, method):
+        changed = dataclasses.replace(cfg, distill=distill_cfg)
+        return distill.distillation_key(changed, "student", "fast", "teacher", method)
+
+    base = cfg.distill
+    for unrelated in ({"seeds": (5,)}, {"finetune_lr": 1.0}, {"dcd_kept": 3}):
+        assert key(dataclasses.replace(base, **unrelated), "tfs") == key(base, "tfs"), unrelated
+    assert key(dataclasses.replace(base, tfs_weight=0.7), "tfs") != key(base, "tfs")
+    assert key(dataclasses.replace(base, tfs_weight=0.7), "dcd") == key(base, "dcd")
+
+
+def test_fine_tuning_starts_from_the_fast_model_and_keeps_it_when_no_epoch_beats_it(tiny_study):
+    cfg, data, fast, slow = tiny_study
+    start_score = stages.dual_encoder_validation(data, cfg.device)(fast.model)
+    tuned = stages.train_or_load_finetuned(cfg, data, "tfs", fast=fast, slow=slow)
+    epochs = tuned.history["epochs"]
+    assert epochs[0]["epoch"] == 0 and epochs[0]["val_score"] == pytest.approx(start_score)
+    assert len(epochs) == 1 + cfg.distill.finetune_epochs
+    kept_start = max(e["val_score"] for e in epochs[1:]) <= start_score
+    unchanged = all(torch.equal(tuned.model.state_dict()[n], v) for n, v in fast.model.state_dict().items())
+    assert unchanged == kept_start
+    with pytest.raises(ValueError, match="unknown distillation method"):
+        stages.train_or_load_finetuned(cfg, data, "control", fast=fast, slow=slow)
+
+
+def test_compare_to_gives_each_models_paired_difference_from_the_baseline():
+    ranks = {"start": np.array([1, 2, 1, 3, 1, 2]), "better": np.array([1, 1, 1, 1, 1, 2])}
+    table = distill.compare_to(ranks, baseline="start")
+    assert table.loc["start", "R@1"] == pytest.approx(50.0)
+    assert table.loc["better", "R@1"] == pytest.approx(500 / 6)
+    assert table.loc["better", "difference"] == pytest.approx(500 / 6 - 50.0)
+    assert table.loc["better", "low"] >= 0.0 and np.isnan(table.loc["start", "difference"])
