@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from fastslow.data.types import CaptionedImages
+from fastslow.intervals import recall_interval
 
 
 def twin_preferences(scores, split: CaptionedImages, queries: np.ndarray | None = None) -> pd.DataFrame:
@@ -128,3 +129,58 @@ def newly_right(before: pd.Series, after: pd.Series, captions: list[str], n: int
     gained = (after == 1) & (before > 1)
     rows = [{"caption": captions[i], "rank before": int(before[i]), "rank after": 1} for i in np.flatnonzero(gained)[:n]]
     return pd.DataFrame(rows)
+
+
+# --- toy examples and verdict sentences (notebooks 01 and 02) ------------------------------------
+
+
+def twin_pair_split(captions: list[str], twin_captions: list[str], kind: str = "attribute_swap") -> CaptionedImages:
+    """A two-image test gallery for a toy example: image 0 with ``captions``, image 1, its twin, with
+    ``twin_captions`` (the same number); the images are blank, only the captions matter."""
+    if len(captions) != len(twin_captions) or not captions:
+        raise ValueError(f"a twin pair needs as many captions on each side, got {len(captions)} and {len(twin_captions)}")
+    texts = list(captions) + list(twin_captions)
+    return CaptionedImages(
+        dataset="toy", split="test", images=np.zeros((2, 4, 4, 3), dtype=np.uint8), captions=texts,
+        caption_image=np.repeat([0, 1], len(captions)), image_ids=["image", "twin"], twin=np.array([1, 0]),
+        twin_kind=[kind, kind], caption_kind=["full"] * len(texts), skipped=[],
+    )
+
+
+def twin_share_interval(preferences: pd.DataFrame) -> tuple[float, float, float, int]:
+    """The percentage of twin captions on which a model prefers the right image, with its 95%
+    bootstrap interval over those captions: ``(share, low, high, captions)`` (NaNs when none).
+
+    A caption that prefers its own image counts as found first (rank 1), one that does not as
+    rank 2, so the interval is :func:`fastslow.intervals.recall_interval` at k = 1."""
+    if preferences.empty:
+        return float("nan"), float("nan"), float("nan"), 0
+    ranks = np.where(preferences["prefers_own"].to_numpy(dtype=bool), 1, 2)
+    low, high = recall_interval(ranks, 1)
+    return 100.0 * float(np.mean(ranks == 1)), low, high, len(ranks)
+
+
+def against_chance(low: float, high: float, chance: float = 50.0) -> str:
+    """Where an interval of a percentage lies relative to ``chance``: above, below, or at chance
+    (the interval holds it, so the run cannot tell the model from a coin flip)."""
+    if low > chance:
+        return "above chance"
+    if high < chance:
+        return "below chance"
+    return "not distinguishable from chance"
+
+
+def retrieval_verdict(method: str, metrics: dict, preferences: pd.DataFrame, ms_per_query: float | None = None) -> str:
+    """A notebook's verdict in two sentences, computed from the run: ``method``'s text-to-image R@1
+    with its 95% bootstrap interval over the queries (``metrics``: :func:`fastslow.metrics.evaluate`),
+    its latency when timed, and how often it prefers the right image of a twin pair (chance: 50%)."""
+    ranks = np.asarray(metrics["ranks"]["t2i"])
+    low, high = recall_interval(ranks, 1)
+    speed = f", at {ms_per_query:.2f} ms per query" if ms_per_query is not None else ""
+    first = (f"{method}: text-to-image R@1 {metrics['t2i']['R@1']:.1f}% "
+             f"(95% interval [{low:.1f}, {high:.1f}]) over {len(ranks)} queries{speed}.")
+    share, low, high, captions = twin_share_interval(preferences)
+    if captions == 0:
+        return first + " No image of this gallery has a twin, so binding and relations are not tested here."
+    return (first + f" It prefers the right image of a twin pair on {share:.1f}% of {captions} twin captions "
+            f"(95% interval [{low:.1f}, {high:.1f}]): {against_chance(low, high)} (50%).")

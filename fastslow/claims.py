@@ -456,3 +456,107 @@ def conclusions(verdict_rows: pd.DataFrame) -> str:
         said = [f"{v}: {'; '.join(claims)}" for v, claims in by_verdict.items() if claims]
         sentences.append(f"On {dataset}, " + ". ".join(said) + ".")
     return "\n".join(sentences) if sentences else "No runs to summarise yet."
+
+
+# --- the papers' own numbers beside ours (notebook 07) -------------------------------------------
+
+PAPER_NAMES = {TFS: "TFS", DCD: "DCD"}
+
+
+@dataclass(frozen=True)
+class PaperNumber:
+    """A number a paper states (``number``; blank where it states the claim without one), quoted
+    (``quote``, with an English ``translation`` where the source is not in English) with its place,
+    and how our runs measure the same thing (``ours``: one dataset's summary rows -> text, blank
+    when the rows are missing)."""
+
+    claim: str
+    paper: str
+    place: str
+    quote: str
+    number: str
+    paper_data: str
+    ours: Callable[[pd.DataFrame], str]
+    translation: str = ""
+
+
+def _points(difference: Difference | None) -> str:
+    if difference is None:
+        return ""
+    return f"{difference.mean:+.1f} R@1 points [{difference.lo:+.1f}, {difference.hi:+.1f}]"
+
+
+def _ours_slow_minus_fast(rows: pd.DataFrame) -> str:
+    return _points(compare(rows, slow_pick(rows), FAST))
+
+
+def _ours_distillation(rows: pd.DataFrame, method: str) -> str:
+    control = Pick("headline", "control")
+    return _points(compare(rows, Pick("headline", method), FAST if control.rows(rows).empty else control))
+
+
+def _ours_teacher_speed_up(rows: pd.DataFrame) -> str:
+    teacher_ms = slow_pick(rows).rows(rows)["ms_per_query"].mean()
+    student_ms = FAST.rows(rows)["ms_per_query"].mean()
+    ratio = teacher_ms / student_ms
+    return f"{ratio:.0f}x (student vs Slow teacher)" if np.isfinite(ratio) else ""
+
+
+def _ours_rerank_speed_up(rows: pd.DataFrame) -> str:
+    """Slow-only over Fast+Slow ms per query at the K chosen on validation, largest gallery timed."""
+    k = headline_k(rows)
+    galleries = sorted(rows[rows["experiment"] == "k_sweep"]["gallery"].dropna().unique())
+    for gallery in reversed(galleries):
+        fast_slow = Pick("k_sweep", "fast_slow", K=k, gallery=gallery).rows(rows)["ms_per_query"].mean()
+        slow = Pick("k_sweep", "cross_attention", gallery=gallery).rows(rows)["ms_per_query"].mean()
+        if k is not None and np.isfinite(slow / fast_slow):
+            r1 = {name: Pick("k_sweep", name, K=k if name == "fast_slow" else None, gallery=gallery)
+                  .rows(rows)["R@1"].mean() for name in ("fast_slow", "cross_attention")}
+            return (f"{slow / fast_slow:.0f}x (K = {k}, {int(gallery)}-item gallery; t2i R@1 "
+                    f"{r1['fast_slow']:.1f} against Slow-only's {r1['cross_attention']:.1f})")
+    return ""
+
+
+PAPER_NUMBERS: tuple[PaperNumber, ...] = (
+    PaperNumber(
+        "RQ1", TFS, "abstract",
+        "An alternative approach of using vision-text transformers with cross-attention gives considerable "
+        "improvements in accuracy over the joint embeddings",
+        "", "Flickr30K, COCO", _ours_slow_minus_fast,
+    ),
+    PaperNumber(
+        "RQ2-DCD", DCD, "abstract",
+        "Extensive experiments on MS-COCO and Flickr30K benchmarks show the effectiveness and efficiency of our "
+        "DCD framework.",
+        "", "MS-COCO, Flickr30K", lambda rows: _ours_distillation(rows, "distilled_dcd"),
+    ),
+    PaperNumber(  # the abstract typesets the sign as $\\times$
+        "RQ2-DCD", DCD, "abstract",
+        "Encouragingly, we can speed up the inference at least 129× compared to the existing ITR models.",
+        "at least 129x faster inference", "MS-COCO, Flickr30K", _ours_teacher_speed_up,
+    ),
+    PaperNumber(
+        "RQ3", TFS, "abstract",
+        "we validate our approach on the Flickr30K image dataset where we show an increase in inference speed "
+        "by several orders of magnitude while having results competitive to the state of the art",
+        "several orders of magnitude (no figure given)", "Flickr30K", _ours_rerank_speed_up,
+    ),
+)
+
+
+def paper_numbers_table(summary: pd.DataFrame, entries: Sequence[PaperNumber] = PAPER_NUMBERS) -> pd.DataFrame:
+    """The papers' numbers beside ours: one row per :data:`PAPER_NUMBERS` entry, the paper's number
+    (blank where it states none), its data and place, the quote (with its translation), and our
+    measurement on each dataset that has rows (blank where the rows are missing)."""
+    datasets = sorted(summary["dataset"].dropna().unique()) if len(summary) else []
+    table = []
+    for entry in entries:
+        claim = CLAIMS[entry.claim]
+        quote = f"“{entry.quote}”" + (f" ({entry.translation})" if entry.translation else "")
+        row = {"claim": entry.claim, "paper's number": entry.number, "paper's data": entry.paper_data,
+               "where": f"{PAPER_NAMES[entry.paper]}, {entry.place}", "quote": quote}
+        for dataset in datasets:
+            rows = summary[summary["dataset"] == dataset]
+            row[f"ours: {dataset}"] = entry.ours(rows) if claim.applies_to(dataset) else ""
+        table.append(row)
+    return pd.DataFrame(table)

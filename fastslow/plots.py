@@ -299,3 +299,98 @@ def attention_maps(examples: Sequence[dict], max_words: int = 9):
             ax.set_title(word, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# One colour per method, the same in every figure that uses it: a Fast model and its variants in
+# blues and greens, the Slow model in red, Fast+Slow in purple (its distilled variants in its hue).
+METHOD_COLOURS: dict[str, str] = {
+    "bag_of_words": "#7f7f7f",
+    "dual_encoder": "#1f77b4",
+    "dual_encoder_transformer": "#17becf",
+    "control": "#9ecae1",
+    "distilled_tfs": "#2ca02c",
+    "distilled_dcd": "#bcbd22",
+    "cross_attention": "#d62728",
+    "fast_slow": "#9467bd",
+    "fast_slow_distilled_tfs": "#e377c2",
+    "fast_slow_distilled_dcd": "#8c564b",
+}
+
+
+def method_colour(method: str) -> str:
+    """The colour of ``method`` in every figure (:data:`METHOD_COLOURS`); a method not listed gets
+    a grey, so a new one never borrows another's colour."""
+    return METHOD_COLOURS.get(method, "#4d4d4d")
+
+
+def confused_pair_images(split: CaptionedImages, pairs: pd.DataFrame, n: int = 4, width: int = 52):
+    """For each confused query (rows of :func:`fastslow.analysis.confused_pairs`): the query
+    caption, the right image and the twin the model ranked above it, each with its score; one
+    query per image pair, so ``n`` rows show ``n`` different pairs."""
+    pairs = pairs.drop_duplicates(subset=["image", "twin"]).head(n)
+    if pairs.empty:
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no confused twin pairs in this run", ha="center", va="center")
+        return fig
+    fig = plt.figure(figsize=(4.8, 2.7 * len(pairs)), layout="constrained")
+    for row, pair in zip(np.atleast_1d(fig.subfigures(len(pairs), 1)), pairs.itertuples()):
+        axes = row.subplots(1, 2)
+        shown = ((pair.image, "right image", pair.own_score, "tab:green"),
+                 (pair.twin, "twin, ranked above it", pair.twin_score, "tab:red"))
+        for ax, (image, label, score, colour) in zip(axes, shown):
+            ax.imshow(split.images[image], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set(color=colour, linewidth=3)
+            ax.set_title(f"{label}\nscore {score:.3f}", fontsize=8, color=colour)
+        row.suptitle(textwrap.fill(f"query ({pair.kind}): {pair.caption}", width), fontsize=8, ha="left", x=0.02)
+    return fig
+
+
+def speed_accuracy_panels(points: pd.DataFrame, k_labels: Sequence[int] = (1, 10, 100, 1000)):
+    """Text-to-image R@1 against per-query latency (log scale), one panel per dataset.
+
+    ``points``: :func:`fastslow.summary.speed_accuracy_points` (columns method, K, ms_per_query,
+    R@1, dataset, gallery). Colour says the method (:func:`method_colour`), line style the gallery
+    within a dataset; the Fast+Slow line of each dataset's smallest gallery carries K labels at
+    ``k_labels`` only, so they do not overlap.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    datasets = list(dict.fromkeys(points["dataset"])) if "dataset" in points and len(points) else []
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(4.6 * max(1, len(datasets)), 4.2), squeeze=False)
+    axes = axes[0]
+    if not datasets:
+        axes[0].text(0.5, 0.5, "no timed rows yet", ha="center", va="center", transform=axes[0].transAxes)
+        return fig
+    for ax, dataset in zip(axes, datasets):
+        part = points[points["dataset"] == dataset]
+        galleries = sorted(part["gallery"].dropna().unique())
+        styles = dict(zip(galleries, ["-", "--", ":", "-."] * 2))
+        for (gallery, method), group in part.groupby(["gallery", "method"], sort=False):
+            labelled = method == "fast_slow" and gallery == galleries[0]
+            group = group.sort_values("ms_per_query")
+            ax.plot(group["ms_per_query"], group["R@1"], marker="o", markersize=4, color=method_colour(method),
+                    linestyle=styles[gallery] if len(group) > 1 else "", label=method)
+            if labelled:
+                for k, x, y in zip(group["K"], group["ms_per_query"], group["R@1"]):
+                    if pd.notna(k) and int(k) in k_labels:
+                        ax.annotate(f"K={int(k)}", (x, y), fontsize=6, xytext=(2, -9), textcoords="offset points")
+        ax.set_xscale("log")
+        decades = np.log10(part["ms_per_query"].max() / part["ms_per_query"].min())
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades < 2.5 else (1.0,)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="milliseconds per query (log)", title=dataset)
+        if len(galleries) > 1:
+            handles = [plt.Line2D([], [], color="black", linestyle=styles[g]) for g in galleries]
+            ax.legend(handles, [f"{int(g)}-item gallery" for g in galleries], fontsize=7, loc="best")
+    axes[0].set_ylabel("text-to-image R@1 (%)")
+    order = list(METHOD_COLOURS)
+    methods = sorted(dict.fromkeys(points["method"]), key=lambda m: order.index(m) if m in order else len(order))
+    handles = [plt.Line2D([], [], color=method_colour(m), marker="o", linestyle="-") for m in methods]
+    fig.legend(handles, methods, loc="lower center", ncol=min(5, len(methods)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig

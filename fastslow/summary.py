@@ -96,10 +96,11 @@ def speed_accuracy_points(summary: pd.DataFrame) -> pd.DataFrame:
     dual encoder's network behind the same index, so they take its latency. A headline point that
     the K sweep of the same gallery already has (the chosen Fast+Slow K, the Slow model) is drawn
     once, from the sweep. ``group`` names the dataset and, where a dataset was searched in several
-    galleries, the gallery size (blank when there is one group).
+    galleries, the gallery size (blank when there is one group); ``dataset`` and ``gallery`` say
+    the same apart, for :func:`fastslow.plots.speed_accuracy_panels`.
     """
     t2i = summary[(summary["direction"] == "t2i") & summary["experiment"].isin(["headline", "k_sweep"])]
-    columns = ["method", "K", "ms_per_query", "R@1", "group"]
+    columns = ["method", "K", "ms_per_query", "R@1", "group", "dataset", "gallery"]
     if t2i.empty:
         return pd.DataFrame(columns=columns)
     by = ["dataset", "gallery", "experiment", "method", "K"]

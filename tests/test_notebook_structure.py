@@ -1,0 +1,66 @@
+"""The notebooks read as lessons: short code lines everywhere, and in the converted ("teaching")
+notebooks the maths on the page, a closing summary, exercises and references, and at least one cell
+whose output nbval checks."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+# Notebooks converted to claim -> idea -> experiment -> result -> verdict (issue 18); add each one
+# as it is converted.
+TEACHING_NOTEBOOKS = ("01_data.ipynb", "02_dual_encoder.ipynb", "07_summary.ipynb")
+MAX_LINE = 100
+CLOSING_HEADINGS = ("Summary", "Exercises", "References")
+
+
+def cells(notebook: Path, kind: str) -> list[str]:
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == kind]
+
+
+def test_the_teaching_notebooks_exist():
+    assert {p.name for p in ALL_NOTEBOOKS} >= set(TEACHING_NOTEBOOKS)
+
+
+@pytest.mark.parametrize("notebook", ALL_NOTEBOOKS, ids=lambda p: p.name)
+def test_code_lines_are_at_most_100_characters(notebook):
+    long = [(i, line) for i, source in enumerate(cells(notebook, "code"))
+            for line in source.splitlines() if len(line) > MAX_LINE]
+    assert not long, f"{notebook.name}: code lines over {MAX_LINE} characters (cell, line): {long}"
+
+
+@pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
+def test_teaching_notebook_has_a_latex_equation(name):
+    markdown = "\n".join(cells(NOTEBOOKS / name, "markdown"))
+    assert "$$" in markdown or re.search(r"\$[^$\n]+\$", markdown), f"{name}: no LaTeX equation"
+
+
+@pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
+def test_teaching_notebook_ends_with_summary_exercises_and_references(name):
+    headings = [line.lstrip("#").strip() for source in cells(NOTEBOOKS / name, "markdown")
+                for line in source.splitlines() if re.match(r"#{1,6} ", line)]
+    missing = [h for h in CLOSING_HEADINGS if h not in headings]
+    assert not missing, f"{name}: no heading {missing}"
+    positions = [headings.index(h) for h in CLOSING_HEADINGS]
+    assert positions == sorted(positions), f"{name}: {CLOSING_HEADINGS} out of order"
+
+
+@pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
+def test_teaching_notebook_has_a_checked_output_cell(name):
+    checked = [s for s in cells(NOTEBOOKS / name, "code") if s.startswith("# NBVAL_CHECK_OUTPUT")]
+    assert checked, f"{name}: no cell marked # NBVAL_CHECK_OUTPUT"
+
+
+@pytest.mark.parametrize("notebook", ALL_NOTEBOOKS, ids=lambda p: p.name)
+def test_only_checked_cells_store_outputs(notebook):
+    # nbval compares a checked cell with its stored output; every other cell is stored empty.
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    stray = [c.get("id") for c in nb["cells"] if c["cell_type"] == "code" and c["outputs"]
+             and not "".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT")]
+    assert not stray, f"{notebook.name}: outputs stored in unchecked cells {stray}"
