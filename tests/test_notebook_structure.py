@@ -14,7 +14,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 # Notebooks converted to claim -> idea -> experiment -> result -> verdict (issue 18); add each one
 # as it is converted.
-TEACHING_NOTEBOOKS = ("01_data.ipynb", "02_dual_encoder.ipynb", "07_summary.ipynb")
+TEACHING_NOTEBOOKS = ("01_data.ipynb", "02_dual_encoder.ipynb", "03_cross_attention.ipynb",
+                      "04_distillation.ipynb", "07_summary.ipynb")
 MAX_LINE = 100
 CLOSING_HEADINGS = ("Summary", "Exercises", "References")
 
