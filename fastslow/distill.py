@@ -52,6 +52,7 @@ METHOD_NAMES = {"control": "control", "tfs": "distilled_tfs", "dcd": "distilled_
 # The settings each method's term reads: what its students' cache key holds of DistillConfig, so a
 # change to one method's settings (or to the seeds) retrains no other student.
 TERM_SETTINGS = {
+    "control": (),
     "tfs": ("candidates", "tfs_candidates", "tfs_weight", "tfs_temperature"),
     "dcd": ("candidates", "dcd_kept", "dcd_distillation_weight"),
 }

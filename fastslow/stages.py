@@ -524,12 +524,13 @@ def train_or_load_student(cfg: StudyConfig, data: Study, method: str, seed: int,
 def train_or_load_finetuned(cfg: StudyConfig, data: Study, method: str, *, fast: Trained, slow: Trained) -> Trained:
     """The ablation "fine-tune a converged dual encoder": the Fast model ``fast`` (notebook 02's dual
     encoder of the study's seed) trained on for ``cfg.distill.finetune_epochs`` epochs with
-    ``method``'s term, on the batches and teacher candidates of its own first epochs, restarting at
+    ``method``'s term (``control``: InfoNCE alone, what the extra epochs give without a teacher), on
+    the batches and teacher candidates of its own first epochs, restarting at
     ``cfg.distill.finetune_lr``. The study's first recipe, with its defects fixed: random batches
     (not nearest-neighbour ones full of false negatives), BatchNorm's statistics frozen, and the
     starting weights scored on validation (epoch 0), so they are kept if no epoch beats them."""
-    if method not in distill.TERM_SETTINGS:
-        raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(distill.TERM_SETTINGS)}")
+    if method not in distill.METHODS:
+        raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(distill.METHODS)}")
     finetune = dataclasses.replace(cfg.train_dual, epochs=cfg.distill.finetune_epochs, lr=cfg.distill.finetune_lr)
     return train_or_load(
         f"finetuned_{method}",

@@ -170,8 +170,10 @@ def test_fine_tuning_starts_from_the_fast_model_and_keeps_it_when_no_epoch_beats
     kept_start = max(e["val_score"] for e in epochs[1:]) <= start_score
     unchanged = all(torch.equal(tuned.model.state_dict()[n], v) for n, v in fast.model.state_dict().items())
     assert unchanged == kept_start
+    without_teacher = stages.train_or_load_finetuned(cfg, data, "control", fast=fast, slow=slow)
+    assert without_teacher.config_hash != tuned.config_hash
     with pytest.raises(ValueError, match="unknown distillation method"):
-        stages.train_or_load_finetuned(cfg, data, "control", fast=fast, slow=slow)
+        stages.train_or_load_finetuned(cfg, data, "kd", fast=fast, slow=slow)
 
 
 def test_compare_to_gives_each_models_paired_difference_from_the_baseline():
