@@ -55,6 +55,8 @@ def cross_attention_variants(
     Per variant: its metrics, its cost (ms per query one caption at a time, as
     :func:`fastslow.bench.slow_only_query_ms` measures it, that divided by the gallery size as the
     cost per pair, and the pairs per second of the batched evaluation), and its training record.
+    The variants run as written, not compiled (:func:`fastslow.bench.compiled`): their costs are
+    compared with one another, and compiling each new architecture would cost ~20 s apiece.
     """
     results = {}
     if len(queries) == 0:

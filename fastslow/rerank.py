@@ -304,7 +304,7 @@ def _gallery_sweep(cfg, data, fast, slow, alpha, spec, gallery, tokens, queries)
     # index here and keeps the exact scores).
     searched = None if spec.index == "Flat" else index_scores(index, query_embeddings, max(ks[:-1]))
     path = QueryPath(fast.model, index, slow.model, visual_tokens(slow.model, gallery.images, cfg.device),
-                     data.fast_texts, data.slow_encoder(slow.model.reads), cfg.device)
+                     data.fast_texts, data.slow_encoder(slow.model.reads), cfg.device, cfg.rerank.compiled_queries)
     captions = [gallery.captions[q] for q in queries[: cfg.rerank.latency_queries]]
     latency = latency_by_k(path, captions, ks=ks[:-1], slow_only_captions=spec.slow_only_latency_queries)
     measured = [{"method": "cross_attention", "K": None, "metrics": metrics.evaluate(slow_scores, gallery, queries),

@@ -139,6 +139,24 @@ def test_gallery_keys_values_follow_the_weights(shapes, candidates):
     torch.testing.assert_close(after, pair_scores(model, visual_tokens(model, test.images), captions, candidates))
 
 
+def test_the_compiled_query_path_scores_as_the_models_do(shapes):
+    from fastslow.bench import QueryPath
+    from fastslow.models.dual_encoder import DualEncoder
+
+    splits, tokenizer = shapes
+    test = splits["test"]
+    slow = tiny_model(tokenizer)
+    fast = DualEncoder(tokenizer.vocab_size, DualEncoderConfig(encoder=TINY_ENCODER, embed_dim=16), IMAGE_SIZE).eval()
+    gallery = visual_tokens(slow, test.images)
+    eager, compiled = (QueryPath(fast, None, slow, gallery, compiled=c) for c in (False, True))
+    captions = tokenizer.encode(test.captions[:1])
+    candidates = torch.tensor([[4, 0, 9, 2, 7]])
+    # One query against its candidates, as the timers run it (compiling costs seconds a shape).
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled.slow_scores(captions, candidates), eager.slow_scores(captions, candidates))
+        torch.testing.assert_close(compiled._embed_texts(captions), eager._embed_texts(captions))
+
+
 def test_a_gallery_made_in_inference_mode_scores_as_one_made_without_grad(shapes):
     splits, tokenizer = shapes
     test = splits["test"]

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from fastslow import metrics
@@ -108,7 +109,7 @@ def test_query_latency_includes_encoding_the_typed_caption(monkeypatch):
             return torch.nn.functional.normalize(texts, dim=-1)
 
     scored = []
-    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append(ids.shape))
+    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids, **_: scored.append(ids.shape))
     index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
     captions = ["a red circle", "a blue square"]
     bench.fast_query_ms(Fast(), index, captions, encode=encode, repeats=2)
@@ -118,13 +119,17 @@ def test_query_latency_includes_encoding_the_typed_caption(monkeypatch):
                              encode_slow=lambda c: encode(c).long(), k=5, repeats=1)
     assert encoded == [c for c in captions for _ in range(2)] * 2  # both models' encoders, per query
     assert set(scored) == {(1, 5)}  # the Slow model scores the Fast top 5 of each query
+    encoded.clear()
+    bench.fast_slow_query_ms(Fast(), index, None, torch.zeros(50, 1, 1), captions, encode_fast=encode,
+                             encode_slow=encode, k=5, repeats=1)
+    assert encoded == captions * 2  # models that read the same input: each query encoded once
 
 
 def test_latency_breakdown_times_each_stage_where_it_is_paid(monkeypatch):
     from fastslow import bench
     from fastslow.index import VectorIndex
 
-    def slow_scoring(model, gallery, tokens, ids):
+    def slow_scoring(model, gallery, tokens, ids, **_):
         time.sleep(0.0002 * ids.shape[1])  # 0.2 ms per pair scored
 
     class Fast:
@@ -155,7 +160,7 @@ def test_throughput_answers_a_batch_of_queries_in_one_call(monkeypatch):
             return torch.nn.functional.normalize(texts, dim=-1)
 
     scored = []
-    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append((len(tokens), *ids.shape)))
+    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids, **_: scored.append((len(tokens), *ids.shape)))
     index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
     path = bench.QueryPath(Fast(), index, None, torch.zeros(50, 1, 1), encode_fast=lambda c: torch.randn(len(c), 4),
                            encode_slow=lambda c: torch.ones(len(c), 3).long())
@@ -262,7 +267,7 @@ def test_latency_by_k_times_every_method_in_each_round(monkeypatch):
             return torch.nn.functional.normalize(texts, dim=-1)
 
     scored = []
-    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids: scored.append(ids.shape[1]))
+    monkeypatch.setattr(bench, "pair_scores", lambda model, gallery, tokens, ids, **_: scored.append(ids.shape[1]))
     index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
     path = bench.QueryPath(Fast(), index, None, torch.zeros(50, 1, 1), encode_fast=lambda c: torch.randn(len(c), 4),
                            encode_slow=lambda c: torch.ones(len(c), 3).long())
@@ -283,3 +288,22 @@ def test_candidates_the_two_models_order_oppositely_keep_the_fast_order():
     slow = torch.tensor([[0.5190907716751099, 0.6158523559570312]])
     assert rerank_order(fast, slow, k=2, alpha=1.0)[0, 0] == 0
     assert rerank_order(fast, slow, k=2, alpha=0.0)[0, 0] == 1  # the Slow model alone decides
+
+
+def test_a_model_that_fails_to_compile_runs_as_written(monkeypatch, caplog):
+    from fastslow import bench
+
+    def failing_compile(fn, **options):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    double = bench.compiled(lambda x: 2 * x)
+    with caplog.at_level("WARNING", logger="fastslow.bench"):
+        assert double(torch.ones(2)).tolist() == [2.0, 2.0]
+        assert double(torch.ones(1)).tolist() == [2.0]
+    assert sum("no C++ compiler" in r.getMessage() for r in caplog.records) == 1  # said once
+    broken = bench.compiled(lambda x: x.no_such_method())
+    with pytest.raises(AttributeError):  # an error of the function itself still surfaces
+        broken(torch.ones(1))

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -474,6 +475,8 @@ def visual_tokens(
 
 # id(gallery tensor) -> (stamp, keys and values); an entry goes when its tensor is freed.
 _GALLERY_KEYS_VALUES: dict[int, tuple[tuple, dict[str, KeysValues]]] = {}
+# model -> the weights that project its keys and values (loading weights copies into them in place).
+_KEY_VALUE_PROJECTIONS: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Parameter, ...]] = weakref.WeakKeyDictionary()
 
 
 def gallery_keys_values(model: CrossAttentionModel, gallery_tokens: torch.Tensor) -> dict[str, KeysValues]:
@@ -483,10 +486,14 @@ def gallery_keys_values(model: CrossAttentionModel, gallery_tokens: torch.Tensor
 
     Recomputed when the gallery tensor or the weights that project keys and values changed in
     place since (only those: stamping every weight cost 0.1 ms a call, a tenth of a query's).
+    Stored contiguous, so gathering a query's K candidates copies whole rows: gathering them from
+    the head-split views took a quarter of a Fast+Slow query's scoring (the scores are the same).
     """
     key = id(gallery_tokens)
-    layers = (m for m in model.modules() if isinstance(m, DecoderLayer))
-    projections = (p for layer in layers for p in layer.cross_key_value.parameters())
+    projections = _KEY_VALUE_PROJECTIONS.get(model)
+    if projections is None:  # walking every module took half of a one-caption call's overhead
+        layers = (m for m in model.modules() if isinstance(m, DecoderLayer))
+        projections = _KEY_VALUE_PROJECTIONS[model] = tuple(p for layer in layers for p in layer.cross_key_value.parameters())
     # An inference tensor keeps no version counter (an in-place edit of one goes unseen).
     version = 0 if gallery_tokens.is_inference() else gallery_tokens._version
     stamp = (id(model), version, tuple(p._version for p in projections))
@@ -494,9 +501,20 @@ def gallery_keys_values(model: CrossAttentionModel, gallery_tokens: torch.Tensor
     if cached is None or cached[0] != stamp:
         if cached is None:
             weakref.finalize(gallery_tokens, _GALLERY_KEYS_VALUES.pop, key, None)
-        cached = (stamp, model.visual_keys_values(gallery_tokens))
+        # Stored contiguous, so gathering a query's K candidates copies whole rows: gathering from
+        # the head-split views took a quarter of a Fast+Slow query's scoring (same scores).
+        cached = (stamp, _contiguous(model.visual_keys_values(gallery_tokens)))
         _GALLERY_KEYS_VALUES[key] = cached
     return cached[1]
+
+
+def _contiguous(tree):
+    """Every tensor of nested dicts, lists and tuples laid out contiguously."""
+    if isinstance(tree, torch.Tensor):
+        return tree.contiguous()
+    if isinstance(tree, dict):
+        return {key: _contiguous(value) for key, value in tree.items()}
+    return type(tree)(_contiguous(value) for value in tree)
 
 
 @torch.no_grad()
@@ -506,6 +524,7 @@ def pair_scores(
     caption_tokens: torch.Tensor,
     candidates: torch.Tensor,
     batch_pairs: int = 2048,
+    score_block: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``(Q, K)`` Slow scores: caption ``q`` against gallery image ``candidates[q, k]``.
 
@@ -520,8 +539,10 @@ def pair_scores(
     once per block of ``batch_pairs`` pairs. Blocks hold captions
     of similar length (less padding); where a block's captions share their candidates (the whole
     gallery, a batch against itself) every caption meets each image's keys and values without
-    copying them per pair.
+    copying them per pair. ``score_block`` scores each block (:meth:`CrossAttentionModel.score_pairs`
+    by default; the timed query path passes a compiled copy of it, :class:`fastslow.bench.QueryPath`).
     """
+    score_block = score_block or model.score_pairs
     if model.training:  # eval() walks every module: 0.25 ms, a quarter of a one-caption call
         model.eval()
     device = gallery_tokens.device
@@ -529,6 +550,9 @@ def pair_scores(
     n_queries, n_candidates = candidates.shape
     keys_values = gallery_keys_values(model, gallery_tokens)
     caption_tokens = caption_tokens.to(device)
+    if n_queries == 1 and n_candidates <= batch_pairs:  # one typed query: a single block, as below
+        only_caption = torch.zeros((1, 1), dtype=torch.long, device=device)
+        return score_block(trim_padding(caption_tokens), keys_values, candidates[0], only_caption).T.float().cpu()
     order = torch.argsort(real_tokens(caption_tokens).sum(1), stable=True)
     scores = torch.empty(n_queries, n_candidates)
     # Blocks about square (each image's keys and values serve many captions), wider for few queries.
@@ -541,9 +565,9 @@ def pair_scores(
         for column in range(0, n_candidates, columns_per_batch):
             slots = candidates[rows, column : column + columns_per_batch]
             if bool((slots == slots[:1]).all()):  # shared candidates: (images, captions) block
-                block = model.score_pairs(tokens, keys_values, slots[0], captions[None]).T
+                block = score_block(tokens, keys_values, slots[0], captions[None]).T
             else:  # one pair per group
-                pairs = model.score_pairs(tokens, keys_values, slots.flatten(), captions.repeat_interleave(slots.shape[1])[:, None])
+                pairs = score_block(tokens, keys_values, slots.flatten(), captions.repeat_interleave(slots.shape[1])[:, None])
                 block = pairs.view(slots.shape)
             scores[rows.cpu(), column : column + columns_per_batch] = block.float().cpu()
     return scores
