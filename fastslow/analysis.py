@@ -184,3 +184,65 @@ def retrieval_verdict(method: str, metrics: dict, preferences: pd.DataFrame, ms_
         return first + " No image of this gallery has a twin, so binding and relations are not tested here."
     return (first + f" It prefers the right image of a twin pair on {share:.1f}% of {captions} twin captions "
             f"(95% interval [{low:.1f}, {high:.1f}]): {against_chance(low, high)} (50%).")
+
+
+# --- the order test against chance (notebook 06) -------------------------------------------------
+
+CHANCE_VERDICTS = ("above chance", "not distinguishable from chance", "below chance")
+
+
+def same_pick_share(preferences: pd.DataFrame, split: CaptionedImages) -> tuple[float, int]:
+    """How often both captions of a twin pair pick the same item: ``(share in %, caption pairs)``.
+
+    Caption j of an item and caption j of its twin form a caption pair (the same template, so the
+    same words or one word apart); only pairs whose two captions are both rows of ``preferences``
+    count. A pair picks the same item when one caption prefers its own item and the other its twin:
+    the model ranks the two items the same way whatever the caption says, so exactly one of the two
+    is right. A model that does so on every pair scores exactly 50%. ``(nan, 0)`` without pairs."""
+    if preferences.empty:
+        return float("nan"), 0
+    first_caption = {int(i): int(j) for i, j in zip(*np.unique(split.caption_image, return_index=True))}
+    position = [c - first_caption[i] for c, i in zip(preferences["caption_index"], preferences["image"])]
+    picked = preferences["image"].where(preferences["prefers_own"], preferences["twin"])
+    frame = pd.DataFrame({"pair": preferences[["image", "twin"]].min(axis=1), "position": position,
+                          "picked": picked})
+    counted = frame.groupby(["pair", "position"])["picked"].agg(["size", "nunique"])
+    pairs = counted[counted["size"] == 2]
+    if pairs.empty:
+        return float("nan"), 0
+    return 100.0 * float((pairs["nunique"] == 1).mean()), len(pairs)
+
+
+def twin_chance_table(preferences: dict[str, pd.DataFrame], split: CaptionedImages,
+                      chance: float = 50.0) -> pd.DataFrame:
+    """The twin test against chance, one row per model and kind of twin (and ``all``): the share of
+    twin captions on which the model prefers the right item with its 95% interval
+    (:func:`twin_share_interval`), where the interval lies (:func:`against_chance`), and how often
+    both captions of a pair pick the same item (:func:`same_pick_share`)."""
+    rows = []
+    for method, pref in preferences.items():
+        parts = {kind: pref[pref["kind"] == kind] for kind in sorted(pref["kind"].unique())}
+        for kind, part in (parts | {"all": pref}).items():
+            share, low, high, captions = twin_share_interval(part)
+            same, pairs = same_pick_share(part, split)
+            verdict = against_chance(low, high, chance) if captions else "no twins"
+            rows.append({"method": method, "kind": kind, "right (%)": share, "low": low, "high": high,
+                         "captions": captions, "verdict": verdict, "caption pairs": pairs,
+                         "same pick (%)": same})
+    columns = ["method", "kind", "right (%)", "low", "high", "captions", "verdict", "caption pairs", "same pick (%)"]
+    return pd.DataFrame(rows, columns=columns).set_index(["method", "kind"])
+
+
+def chance_sentence(table: pd.DataFrame, kind: str = "all", chance: float = 50.0) -> str:
+    """One sentence from :func:`twin_chance_table`: which models lie above, at or below chance on
+    the twins of ``kind``, by their 95% intervals."""
+    rows = table.xs(kind, level="kind") if len(table) else table
+    if rows.empty or int(rows["captions"].max()) == 0:
+        return f"{kind}: no twin captions in this gallery, so the test does not apply."
+    groups = {verdict: list(rows.index[rows["verdict"] == verdict]) for verdict in CHANCE_VERDICTS}
+    head = f"{kind} twins ({int(rows['captions'].max())} captions, 95% intervals against {chance:g}%): "
+    filled = [verdict for verdict, methods in groups.items() if methods]
+    if len(filled) == 1:
+        who = f"all {len(rows)} models" if len(rows) > 1 else str(rows.index[0])
+        return head + f"{who}: {filled[0]}."
+    return head + "; ".join(f"{verdict}: {', '.join(groups[verdict]) or 'none'}" for verdict in CHANCE_VERDICTS) + "."

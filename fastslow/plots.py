@@ -123,6 +123,28 @@ def twin_accuracy_bars(table: pd.DataFrame, title: str = "does the model prefer 
     return fig
 
 
+def chance_intervals(table: pd.DataFrame, chance: float = 50.0, title: str = "right item above its twin (%), 95% interval"):
+    """:func:`fastslow.analysis.twin_chance_table` as one panel per kind of twin: each model's share
+    with its 95% interval, against ``chance`` (dashed); a model whose interval crosses the line
+    cannot be told from a coin flip."""
+    kinds = list(dict.fromkeys(table.index.get_level_values("kind")))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds) + 1.6, 0.4 * table.index.levshape[0] + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = table.xs(kind, level="kind").iloc[::-1]
+        y = np.arange(len(rows))
+        errors = np.vstack([rows["right (%)"] - rows["low"], rows["high"] - rows["right (%)"]])
+        colours = [method_colour(m) for m in rows.index]
+        ax.errorbar(rows["right (%)"], y, xerr=errors, fmt="none", ecolor="gray", capsize=3)
+        ax.scatter(rows["right (%)"], y, c=colours, zorder=3)
+        ax.axvline(chance, color="gray", linestyle="--", linewidth=0.8)
+        ax.set(xlim=(0, 100), title=f"{kind} ({int(rows['captions'].max())} captions)", xlabel="%")
+        ax.set_yticks(y, list(rows.index))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int | None = None):
     """Each clip's frames in a row, left to right in time, under its first caption (and its twin
     kind, when it has a twin). Images (one frame) work too."""

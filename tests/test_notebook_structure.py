@@ -1,6 +1,8 @@
 """The notebooks read as lessons: short code lines everywhere, and in the converted ("teaching")
-notebooks the maths on the page, a closing summary, exercises and references, and at least one cell
-whose output nbval checks."""
+notebooks the maths on the page, a closing summary, exercises and references, and at least one toy
+cell that checks itself with an ``assert`` (the hand computation against the package function).
+Source notebooks store no outputs, so nbval has no reference output to compare a cell with; the
+asserts are what make nbval fail when the package drifts from the page."""
 
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 # Notebooks converted to claim -> idea -> experiment -> result -> verdict (issue 18); add each one
 # as it is converted.
 TEACHING_NOTEBOOKS = ("01_data.ipynb", "02_dual_encoder.ipynb", "03_cross_attention.ipynb",
-                      "04_distillation.ipynb", "07_summary.ipynb")
+                      "04_distillation.ipynb", "05_fast_slow_reranking.ipynb", "06_video.ipynb",
+                      "07_summary.ipynb")
 MAX_LINE = 100
 CLOSING_HEADINGS = ("Summary", "Exercises", "References")
+ASSERT_LINE = re.compile(r"^\s*assert\s", re.MULTILINE)
 
 
 def cells(notebook: Path, kind: str) -> list[str]:
@@ -58,3 +62,13 @@ def test_source_notebooks_store_no_outputs(notebook):
     nb = json.loads(notebook.read_text(encoding="utf-8"))
     stored = [c.get("id") for c in nb["cells"] if c["cell_type"] == "code" and c["outputs"]]
     assert not stored, f"{notebook.name}: outputs stored in cells {stored}"
+
+
+@pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
+def test_teaching_notebook_has_a_toy_cell_that_checks_itself(name):
+    """The sources store no outputs (the test above), so nbval has no stored output to compare a
+    deterministic cell with, and ``# NBVAL_CHECK_OUTPUT`` would check nothing. Instead a toy cell
+    compares its hand computation with the package function by an ``assert``; nbval runs every
+    cell, so the notebook fails when the package drifts from what the page computes by hand."""
+    checked = [source for source in cells(NOTEBOOKS / name, "code") if ASSERT_LINE.search(source)]
+    assert checked, f"{name}: no code cell checks itself with an assert statement"

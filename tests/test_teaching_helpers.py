@@ -1,7 +1,9 @@
-"""The package helpers behind notebooks 01, 02 and 07's toy examples, verdict sentences, figures and
-the papers' numbers."""
+"""The package helpers behind notebooks 01, 02, 06 and 07's toy examples, verdict sentences (06: the
+order test against chance), figures and the papers' numbers."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import matplotlib
 
@@ -120,3 +122,61 @@ def test_every_paper_number_quotes_a_claim_of_the_study():
     for entry in claims.PAPER_NUMBERS:
         assert entry.claim in claims.CLAIMS
         assert entry.quote and entry.place
+
+
+def order_swap_gallery():
+    """Two twin pairs of clips (0, 1) and (2, 3), two captions each: caption j of a clip and caption
+    j of its twin form a caption pair."""
+    split = analysis.twin_pair_split(["red then blue", "red, then blue"],
+                                     ["blue then red", "blue, then red"], kind="order_swap")
+    return dataclasses.replace(
+        split, images=np.zeros((4, 4, 4, 3), dtype=np.uint8), captions=split.captions * 2,
+        caption_image=np.repeat([0, 1, 2, 3], 2), image_ids=["a", "b", "c", "d"],
+        twin=np.array([1, 0, 3, 2]), twin_kind=["order_swap"] * 4, caption_kind=["full"] * 8)
+
+
+def test_same_pick_share_counts_caption_pairs_that_pick_one_item():
+    split = order_swap_gallery()
+    # Pair (0, 1): both captions j pick clip 0 for j = 0 (one right, one wrong), each its own for
+    # j = 1. Pair (2, 3): every caption picks its own clip. Caption 7 is not a query.
+    scores = np.array([[2, 1, 0, 0], [2, 1, 0, 0], [2, 1, 0, 0], [1, 2, 0, 0],
+                       [0, 0, 2, 1], [0, 0, 2, 1], [0, 0, 1, 2]], dtype=float)
+    preferences = analysis.twin_preferences(scores, split, queries=np.arange(7))
+    share, pairs = analysis.same_pick_share(preferences, split)
+    assert pairs == 3  # (0, 1) at j = 0 and 1, (2, 3) at j = 0; (2, 3) at j = 1 lacks caption 7
+    assert share == pytest.approx(100 / 3)
+    assert np.isnan(analysis.same_pick_share(preferences.iloc[:0], split)[0])
+
+
+def test_twin_chance_table_and_sentence_read_each_interval_against_chance():
+    split = order_swap_gallery()
+    blind = np.tile([[2.0, 1.0, 2.0, 1.0]], (8, 1))  # every caption picks clips 0 and 2: 50%
+    right = np.array([[1.0 if split.caption_image[q] == i else 0.0 for i in range(4)]
+                      for q in range(8)])
+    table = analysis.twin_chance_table({"blind": analysis.twin_preferences(blind, split),
+                                        "right": analysis.twin_preferences(right, split)}, split)
+    assert list(table.index) == [("blind", "order_swap"), ("blind", "all"),
+                                 ("right", "order_swap"), ("right", "all")]
+    blind_row, right_row = table.loc[("blind", "all")], table.loc[("right", "all")]
+    assert (blind_row["right (%)"], blind_row["same pick (%)"], blind_row["caption pairs"]) == (50.0, 100.0, 4)
+    assert blind_row["verdict"] == "not distinguishable from chance"
+    assert (right_row["right (%)"], right_row["same pick (%)"]) == (100.0, 0.0)
+    assert right_row["verdict"] == "above chance"  # 8 of 8: every bootstrap draw is 100%
+    sentence = analysis.chance_sentence(table, "order_swap")
+    assert sentence == ("order_swap twins (8 captions, 95% intervals against 50%): above chance: right; "
+                        "not distinguishable from chance: blind; below chance: none.")
+    only_blind = analysis.chance_sentence(table.loc[["blind"]], "all")
+    assert only_blind.endswith("): blind: not distinguishable from chance.")
+    doubled = pd.concat([table.loc[["blind"]], table.loc[["blind"]].rename(index={"blind": "twin"})])
+    assert analysis.chance_sentence(doubled).endswith("all 2 models: not distinguishable from chance.")
+    assert "does not apply" in analysis.chance_sentence(table.iloc[:0])
+
+
+def test_chance_intervals_draw_one_panel_per_kind():
+    table = pd.DataFrame({"method": ["fast", "fast", "slow", "slow"],
+                          "kind": ["order_swap", "all"] * 2, "right (%)": [50.0, 50.0, 70.0, 60.0],
+                          "low": [40.0, 45.0, 60.0, 55.0], "high": [60.0, 55.0, 80.0, 65.0],
+                          "captions": [40, 80, 40, 80]}).set_index(["method", "kind"])
+    fig = plots.chance_intervals(table)
+    assert [ax.get_title() for ax in fig.axes] == ["order_swap (40 captions)", "all (80 captions)"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["slow", "fast"]
