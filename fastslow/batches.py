@@ -56,6 +56,28 @@ class PairBatches:
             }
 
 
+class TwinNegativeBatches(PairBatches):
+    """:class:`PairBatches` whose pairs each carry one look-alike, ``negative_images`` (what the
+    look-alike term of a captioning Slow model reads, :func:`fastslow.losses.look_alike_loss`):
+    the image's twin when the pair's caption describes all of it (a ``full`` caption: the twin's
+    differs from it in what the twin changes, an order or a direction), else a random other image
+    (a partial caption may be as true of the twin). Deterministic in ``(seed, epoch)``."""
+
+    def __init__(self, split: CaptionedImages, tokens: torch.Tensor, batch_size: int, seed: int, epoch: int,
+                 visual: np.ndarray | FeatureImages | None = None):
+        super().__init__(split, tokens, batch_size, seed, epoch, visual)
+        rng = np.random.default_rng([seed, epoch, len(split)])
+        images = np.arange(len(split))
+        other = (images + rng.integers(1, max(2, len(split)), len(split))) % len(split)
+        full = np.array([split.caption_kind[c] == "full" for c in self.caption_of])
+        self.negative_of = np.where((split.twin >= 0) & full, split.twin, other)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in super().__iter__():
+            batch["negative_images"] = model_input(self.visual[self.negative_of[batch["image_index"].numpy()]])
+            yield batch
+
+
 def headline_queries(split: CaptionedImages, captions_per_image: int) -> np.ndarray:
     """Indices of the captions every method is scored on: the first ``n`` of each image's captions,
     in rounds (every image's first caption, then every image's second, ...).

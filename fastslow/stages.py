@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastslow import distill, metrics
-from fastslow.batches import PairBatches, headline_queries
+from fastslow.batches import PairBatches, TwinNegativeBatches, headline_queries
 from fastslow.cache import artifact_checksum, artifact_path, load_or_build, record_path
 from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, WordTokenizer, data_key, load_dataset
@@ -364,6 +364,10 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
                 train, data.slow_texts("train", reads), data.visual["train"], pools(),
                 hard=model_config.hard_negatives, batch_size=cfg.train_cross.batch_size,
                 seed=cfg.seed, epoch=epoch,
+            )
+        if model_config.twin_negatives and model_config.objective != "itm":
+            return TwinNegativeBatches(
+                train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, data.visual["train"]
             )
         batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, data.visual["train"])
         if model_config.objective == "itm":  # twins share batches, so each can be the other's negative

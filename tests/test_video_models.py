@@ -12,7 +12,7 @@ from fastslow import evaluation, stages
 from fastslow.config import CrossAttentionConfig, DataConfig, DualEncoderConfig, EncoderConfig, TrainConfig, make_config
 from fastslow.models.cross_attention import CrossAttentionModel, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, TemporalPooling, embed_images
-from fastslow.inputs import images_to_tensor
+from fastslow.inputs import images_to_tensor, model_input
 
 SIZE, FRAMES = 32, 4
 TINY_ENCODER = EncoderConfig(channels=(8, 8, 16, 16), text_width=16, text_layers=1, heads=2)
@@ -125,3 +125,35 @@ def test_video_datasets_get_the_profiles_video_sizes():
     assert images.data.n_train == 6000 and images.cross.upsample_steps == CrossAttentionConfig().upsample_steps
     with pytest.raises(ValueError, match="pretrained video"):
         make_config("smoke", dataset="shapes-video", backbone="pretrained")
+
+
+def test_twin_negative_batches_pair_each_full_caption_with_its_twin():
+    from fastslow.batches import TwinNegativeBatches
+    from fastslow.data.text import WordTokenizer
+    from fastslow.data.video import make_shapes_video
+
+    train = make_shapes_video(40, 4, 4, image_size=32, frames=3, seed=1)["train"]
+    tokens = WordTokenizer.fit(train.captions).encode(train.captions)
+    batches = TwinNegativeBatches(train, tokens, batch_size=8, seed=0, epoch=2)
+    full = np.array([train.caption_kind[c] == "full" for c in batches.caption_of])
+    with_twin = (train.twin >= 0) & full
+    assert with_twin.any() and (~with_twin).any()
+    assert (batches.negative_of[with_twin] == train.twin[with_twin]).all()
+    assert (batches.negative_of != np.arange(len(train))).all()  # never the pair's own clip
+    again = TwinNegativeBatches(train, tokens, batch_size=8, seed=0, epoch=2)
+    assert (again.negative_of == batches.negative_of).all()  # deterministic in (seed, epoch)
+    batch = next(iter(batches))
+    negatives = batches.negative_of[batch["image_index"].numpy()]
+    assert torch.equal(batch["negative_images"], model_input(train.images[negatives]))
+
+
+def test_only_clips_train_their_slow_model_on_twins_and_image_keys_stay_as_they_were():
+    from fastslow.config import CrossAttentionConfig, config_hash, make_config, to_jsonable
+
+    video = make_config("quick", dataset="shapes-video").cross
+    assert video.twin_negatives and video.negative_weight == 3.0
+    assert not make_config("quick", dataset="shapes").cross.twin_negatives
+    # A setting added after the image models were cached enters their keys only when set.
+    assert "twin_negatives" not in to_jsonable(CrossAttentionConfig())
+    on = CrossAttentionConfig(twin_negatives=True)
+    assert to_jsonable(on)["twin_negatives"] and config_hash(on) != config_hash(CrossAttentionConfig())
