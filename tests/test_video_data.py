@@ -348,6 +348,28 @@ def test_video_files_are_decoded_with_pyav_when_it_is_installed(vatex, monkeypat
     assert sorted(p.split("/")[-1] for p in data.skipped) == ["broken.mp4", "clipC"]
 
 
+def test_a_real_mp4_written_with_pyav_decodes_into_its_frames(tmp_path):
+    av = pytest.importorskip("av", reason="PyAV is the optional extra `pip install -e '.[video]'`; "
+                             "without it the loader asks for it (test above)")
+    root = tmp_path / "vatex"
+    (root / "videos").mkdir(parents=True)
+    (root / "vatex_training_v1.0.json").write_text(json.dumps([{"videoID": "clip", "enCap": ["it brightens"]}]))
+    levels = [20 * k for k in range(12)]  # each frame a flat grey, brighter in time
+    with av.open(str(root / "videos" / "clip.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for level in levels:
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), level, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = load_video_captions(root, "train", frames=3, image_size=8)
+    assert data.images.shape == (1, 3, 8, 8, 3) and data.captions == ["it brightens"]
+    # Frames 2, 6 and 10 of 12 (sample_frame_indices), to within lossy coding.
+    np.testing.assert_allclose(data.images[0, :, 4, 4].mean(-1), [levels[2], levels[6], levels[10]], atol=8)
+
+
 def test_clip_strip_draws_each_clip_in_a_row_under_its_first_caption(clips):
     import matplotlib.pyplot as plt
 
