@@ -122,12 +122,14 @@ class QueryPath:
     compiled: bool = False
     _embed_texts: Callable[[torch.Tensor], torch.Tensor] | None = dataclasses.field(init=False, repr=False)
     _score_block: Callable[..., torch.Tensor] | None = dataclasses.field(init=False, repr=False)
+    _same_ids: bool = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         embed = self.fast_model.encode_texts if self.fast_model is not None else None
         score = self.slow_model.score_pairs if self.slow_model is not None else None
         self._embed_texts = compiled(embed) if self.compiled and embed else embed
         self._score_block = compiled(score) if self.compiled and score else score
+        self._same_ids = self.encode_slow is not None and self.encode_slow == self.encode_fast
 
     def answer(self, captions: list[str], k: int | None, slow: bool, clock=_untimed) -> None:
         """Fast's top ``k`` of each caption (``k`` None: no Fast stage, every gallery item a
@@ -140,7 +142,7 @@ class QueryPath:
         else:
             candidates = torch.arange(len(self.gallery_tokens)).expand(len(captions), -1)
         if slow:
-            if k is not None and self.encode_slow == self.encode_fast:  # both read the same ids
+            if k is not None and self._same_ids:
                 tokens = text
             else:
                 tokens = clock("encode for Slow", lambda: trim_padding(self.encode_slow(captions)).to(self.device))
