@@ -1,7 +1,9 @@
 """The one training loop every model of the study goes through; the loss is what varies.
 
 ``fit`` runs AdamW with linear warm-up and cosine decay, validates after each epoch, keeps the best
-weights, stops early when validation stops improving, and writes a checkpoint after every epoch
+weights (or, with ``TrainConfig.weight_average``, the best of a moving average of the weights, which
+is what it then validates), stops early when validation stops improving, and writes a checkpoint
+after every epoch
 (atomically, with its checksum) so an interrupted run resumes where it stopped instead of starting over;
 a checkpoint that fails its checksum or does not load is ignored with a warning, and training starts over.
 """
@@ -83,6 +85,8 @@ def fit(
     warmup = max(1, int(config.warmup_fraction * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     state = {"epoch": 0, "best_score": -math.inf, "best_weights": None, "bad_epochs": 0, "stopped": False, "history": {"epochs": [], "steps": []}}
+    # What validation scores and training keeps: the model, or the average of its weights.
+    kept = copy.deepcopy(model) if config.weight_average else model
 
     saved = load_verified(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.exists() and saved is None:
@@ -92,6 +96,8 @@ def fit(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
+        if "averaged" in saved:
+            kept.load_state_dict(saved["averaged"])
         state = saved["state"]
         log.info("%s: resuming after epoch %d from %s", desc, state["epoch"], checkpoint)
 
@@ -124,13 +130,15 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
+            if kept is not model:
+                _update_average(kept, model, config.weight_average)
             losses.append(loss.item())
             history["steps"].append({"step": scheduler.last_epoch, "loss": losses[-1], **extras})
             batches.set_postfix(loss=f"{losses[-1]:.3f}")
 
-        model.eval()
+        kept.eval()
         with torch.no_grad():
-            score = validate(model)
+            score = validate(kept)
         record = {
             "epoch": epoch + 1,
             "train_loss": sum(losses) / len(losses),
@@ -140,7 +148,7 @@ def fit(
         history["epochs"].append(record)
         log.info("%s epoch %d: loss %.4f, validation %.2f", desc, epoch + 1, record["train_loss"], score)
         if score > state["best_score"]:
-            state.update(best_score=score, best_weights=copy.deepcopy(model.state_dict()), bad_epochs=0)
+            state.update(best_score=score, best_weights=copy.deepcopy(kept.state_dict()), bad_epochs=0)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -153,6 +161,7 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "state": state,
+                    **({"averaged": kept.state_dict()} if kept is not model else {}),
                 },
                 checkpoint,
             )
@@ -164,3 +173,13 @@ def fit(
         model.load_state_dict(state["best_weights"])
     model.eval()
     return history
+
+
+@torch.no_grad()
+def _update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+    """One step of the exponential moving average of ``model``'s weights in ``averaged``; buffers
+    (BatchNorm's statistics) are copied as they are."""
+    for average, weight in zip(averaged.parameters(), model.parameters()):
+        average.lerp_(weight, 1.0 - decay)
+    for average, buffer in zip(averaged.buffers(), model.buffers()):
+        average.copy_(buffer)

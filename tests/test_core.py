@@ -173,6 +173,30 @@ def test_fit_learns_and_resumes_from_its_checkpoint(tmp_path):
     assert [e["epoch"] for e in resumed_history["epochs"]] == [1, 2, 3, 4, 5, 6]
 
 
+
+def test_fit_with_weight_averaging_validates_and_keeps_the_moving_average():
+    loss_fn, epoch_batches, _ = _regression_task()
+    trained_weights = []  # the weights each step starts from, then the last step's result
+
+    def recording_loss(model, batch, progress):
+        trained_weights.append(model.linear.weight.detach().clone())
+        return loss_fn(model, batch, progress)
+
+    def validate(averaged):
+        assert averaged is not model, "validation sees the average, not the training weights"
+        trained_weights.append(model.linear.weight.detach().clone())
+        return 0.0
+
+    decay = 0.5
+    model = _Regression()
+    fit(model, recording_loss, epoch_batches, validate, TrainConfig(epochs=1, lr=0.05, weight_average=decay), seed=0)
+    expected = trained_weights[0]
+    for weights in trained_weights[1:]:  # each step's result enters the average once
+        expected = decay * expected + (1 - decay) * weights
+    torch.testing.assert_close(model.linear.weight, expected)
+    assert not torch.allclose(model.linear.weight, trained_weights[-1]), "not the last step's weights"
+
+
 def test_fit_stops_early_when_validation_stalls():
     loss_fn, epoch_batches, _ = _regression_task()
     history = fit(_Regression(), loss_fn, epoch_batches, lambda model: 0.0, TrainConfig(epochs=10, patience=2), seed=0)
