@@ -1,11 +1,11 @@
 """The one training loop every model of the study goes through; the loss is what varies.
 
 ``fit`` runs AdamW with linear warm-up and cosine decay, validates after each epoch, keeps the best
-weights (or, with ``TrainConfig.weight_average``, the best of a moving average of the weights, which
-is what it then validates), stops early when validation stops improving, and writes a checkpoint
-after every epoch
-(atomically, with its checksum) so an interrupted run resumes where it stopped instead of starting over;
-a checkpoint that fails its checksum or does not load is ignored with a warning, and training starts over.
+weights (with ``TrainConfig.weight_average``, those of a moving average of the weights, which is
+then what it validates), stops early when validation stops improving, and writes a checkpoint after
+every epoch (atomically, with its checksum) so an interrupted run resumes where it stopped instead
+of starting over; a checkpoint that fails its checksum or does not load is ignored with a warning,
+and training starts over.
 """
 
 from __future__ import annotations

@@ -173,7 +173,6 @@ def test_fit_learns_and_resumes_from_its_checkpoint(tmp_path):
     assert [e["epoch"] for e in resumed_history["epochs"]] == [1, 2, 3, 4, 5, 6]
 
 
-
 def test_fit_with_weight_averaging_validates_and_keeps_the_moving_average():
     loss_fn, epoch_batches, _ = _regression_task()
     trained_weights = []  # the weights each step starts from, then the last step's result
@@ -195,6 +194,30 @@ def test_fit_with_weight_averaging_validates_and_keeps_the_moving_average():
         expected = decay * expected + (1 - decay) * weights
     torch.testing.assert_close(model.linear.weight, expected)
     assert not torch.allclose(model.linear.weight, trained_weights[-1]), "not the last step's weights"
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_fit_resumes_the_weight_average_from_its_checkpoint(tmp_path):
+    loss_fn, epoch_batches, validate = _regression_task()
+    config = TrainConfig(epochs=4, lr=0.05, patience=10, weight_average=0.9)
+    straight = _Regression()
+    fit(straight, loss_fn, epoch_batches, validate, config, seed=0)
+
+    def crashing_loss(model, batch, progress):
+        if progress >= 0.5:  # the first step of epoch 3: the checkpoint holds epochs 1 and 2
+            raise _Crash
+        return loss_fn(model, batch, progress)
+
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.raises(_Crash):
+        fit(_Regression(), crashing_loss, epoch_batches, validate, config, seed=0, checkpoint=checkpoint)
+    resumed = _Regression()
+    fit(resumed, loss_fn, epoch_batches, validate, config, seed=0, checkpoint=checkpoint)
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
 
 
 def test_fit_stops_early_when_validation_stalls():
