@@ -290,6 +290,12 @@ class VideoProfile:
     # weight 3 was tried after seeing weight 1's: kept because validation prefers it.
     twin_negatives: bool = True
     look_alike_weight: float = 3.0
+    # Latency on clips is timed as written (RerankConfig.compiled_queries off): compiling bought the
+    # small video models almost nothing and cost notebook 06 about a minute. Quick, shapes-video,
+    # one thread, 20 typed captions, compiled against as written: Fast 0.84 / 0.81 ms, Slow-only
+    # 21.0 / 21.7 ms, Fast+Slow at K = 20 3.3 / 3.5 ms; the latency cells took 63 s compiled (with
+    # torch.compile's cache empty) against 8 s.
+    compiled_queries: bool = False
 
 
 @dataclass(frozen=True)
@@ -484,6 +490,9 @@ def make_config(
         cross = dataclasses.replace(cross, twin_negatives=True, negative_weight=video.look_alike_weight)
     if backbone == "pretrained":
         cross = dataclasses.replace(cross, **PRETRAINED_SLOW)
+    rerank = budget.rerank if budget else chosen.rerank
+    if video is not None:
+        rerank = dataclasses.replace(rerank, compiled_queries=rerank.compiled_queries and video.compiled_queries)
     return StudyConfig(
         profile=chosen.name,
         data=data,
@@ -493,7 +502,7 @@ def make_config(
         cross=cross,
         train_cross=budget.train_cross if budget else sizes.train_cross,
         cross_ablation=budget.cross_ablation if budget else chosen.cross_ablation,
-        rerank=budget.rerank if budget else chosen.rerank,
+        rerank=rerank,
         headline_captions_per_image=(budget or chosen).headline_captions_per_image,
         slow_members=budget.slow_members if budget else 1,
         seed=seed,

@@ -157,3 +157,11 @@ def test_only_clips_train_their_slow_model_on_twins_and_image_keys_stay_as_they_
     assert "twin_negatives" not in to_jsonable(CrossAttentionConfig())
     on = CrossAttentionConfig(twin_negatives=True)
     assert to_jsonable(on)["twin_negatives"] and config_hash(on) != config_hash(CrossAttentionConfig())
+
+
+def test_clips_are_timed_as_written_while_images_are_timed_compiled():
+    from fastslow.config import make_config
+
+    assert not make_config("quick", dataset="shapes-video").rerank.compiled_queries
+    assert make_config("quick", dataset="shapes").rerank.compiled_queries
+    assert not make_config("smoke", dataset="shapes").rerank.compiled_queries
