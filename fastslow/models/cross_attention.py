@@ -501,8 +501,6 @@ def gallery_keys_values(model: CrossAttentionModel, gallery_tokens: torch.Tensor
     if cached is None or cached[0] != stamp:
         if cached is None:
             weakref.finalize(gallery_tokens, _GALLERY_KEYS_VALUES.pop, key, None)
-        # Stored contiguous, so gathering a query's K candidates copies whole rows: gathering from
-        # the head-split views took a quarter of a Fast+Slow query's scoring (same scores).
         cached = (stamp, _contiguous(model.visual_keys_values(gallery_tokens)))
         _GALLERY_KEYS_VALUES[key] = cached
     return cached[1]
