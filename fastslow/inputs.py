@@ -62,26 +62,40 @@ def images_to_tensor(
 
 @dataclass
 class FeatureImages:
-    """Frozen backbone features of a set of images, indexed like an array of images.
+    """Feature maps of a set of images (or clips) computed once by a frozen image tower, indexed
+    like an array of them.
 
-    ``maps``: feature maps fine to coarse, ``(N, C_s, h_s, w_s)`` (float16 in the cache);
-    ``pooled``: ``(N, D)`` pooled features. ``images[indices]`` gives the features of those images,
-    so code written for pixel arrays (batches, galleries, subsets) works on them unchanged.
+    ``maps``: fine to coarse, ``(N, C_s, h_s, w_s)``, or ``(N, T, C_s, h_s, w_s)`` for clips: the
+    frozen EfficientNet-Lite0's (float16 in the cache), or a Slow model's frozen ``tiny`` tower's
+    (:func:`fastslow.models.encoders.frozen_tower_maps`); ``pooled``: ``(N, D)`` pooled features
+    (EfficientNet-Lite0's head, what the dual encoder reads; None where nothing reads them).
+    ``images[indices]`` gives the features of those images, so code written for pixel arrays
+    (batches, galleries, subsets) works on them unchanged. ``memory_format``: the layout the
+    tower gave each image's (or frame's) maps in, which the layers on top read them in again
+    (a convolution's rounding depends on the layout it reads).
     """
 
     maps: list[torch.Tensor]
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def __len__(self) -> int:
-        return len(self.pooled)
+        return len(self.maps[0])
 
     def __getitem__(self, index) -> FeatureImages:
         index = index if isinstance(index, slice) else torch.as_tensor(np.asarray(index))
-        return FeatureImages([m[index] for m in self.maps], self.pooled[index])
+        pooled = None if self.pooled is None else self.pooled[index]
+        return FeatureImages([m[index] for m in self.maps], pooled, self.memory_format)
 
     def to(self, device: str | torch.device) -> FeatureImages:
         """On ``device`` in float32 (the heads train in float32; the cache stores float16)."""
-        return FeatureImages([m.to(device).float() for m in self.maps], self.pooled.to(device).float())
+        pooled = None if self.pooled is None else self.pooled.to(device).float()
+        return FeatureImages([m.to(device).float() for m in self.maps], pooled, self.memory_format)
+
+    def frame_maps(self) -> list[torch.Tensor]:
+        """The maps of each image, or of each frame of a clip (time folded into the batch), in
+        the layout the tower gave them."""
+        return [(m.flatten(0, 1) if m.ndim == 5 else m).contiguous(memory_format=self.memory_format) for m in self.maps]
 
 
 def model_input(images: np.ndarray | FeatureImages, device: str | torch.device = "cpu") -> torch.Tensor | FeatureImages:
@@ -97,10 +111,20 @@ def text_input(texts: torch.Tensor) -> torch.Tensor:
     return texts if texts.is_floating_point() else trim_padding(texts)
 
 
+def is_clips(images: np.ndarray | torch.Tensor | FeatureImages) -> bool:
+    """Whether a batch holds clips (``(N, T, H, W, 3)`` pixels, ``(N, T, 3, H, W)`` tensors or
+    their frozen features) rather than images."""
+    if isinstance(images, FeatureImages):
+        return images.maps[0].ndim == 5
+    return getattr(images, "ndim", 4) == 5
+
+
 def frames_per_item(images: np.ndarray | torch.Tensor | FeatureImages) -> int:
     """Frames of each item of a batch: 1 for ``(N, H, W, 3)`` images (and frozen image features),
-    T for ``(N, T, H, W, 3)`` clips."""
-    return images.shape[1] if getattr(images, "ndim", 4) == 5 else 1
+    T for ``(N, T, H, W, 3)`` clips (and their frozen features)."""
+    if not is_clips(images):
+        return 1
+    return images.maps[0].shape[1] if isinstance(images, FeatureImages) else images.shape[1]
 
 
 def real_tokens(texts: torch.Tensor) -> torch.Tensor:

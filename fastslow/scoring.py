@@ -29,7 +29,8 @@ def mean_input(visual: np.ndarray | FeatureImages) -> np.ndarray | FeatureImages
     """
     if isinstance(visual, FeatureImages):
         maps = [m.mean(0, keepdim=True, dtype=torch.float32) for m in visual.maps]
-        return FeatureImages(maps, visual.pooled.mean(0, keepdim=True, dtype=torch.float32))
+        pooled = None if visual.pooled is None else visual.pooled.mean(0, keepdim=True, dtype=torch.float32)
+        return FeatureImages(maps, pooled, visual.memory_format)
     return np.asarray(visual).mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
 
 

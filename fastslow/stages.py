@@ -36,6 +36,7 @@ from fastslow.losses import (
 )
 from fastslow.models.cross_attention import CrossAttentionModel, keep_twins_together, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, embed_images, embed_texts
+from fastslow.models.encoders import frozen_tower_maps
 from fastslow.models.matching import MatchingModel, SlowEnsemble
 from fastslow.models.pretrained import minilm_word_table, text_backbone
 from fastslow.negatives import LookAlikeBatches, NegativeBatches, NegativePools, mine_pools
@@ -354,6 +355,14 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
     reads = MatchingModel.reads if matching else ("word_pieces" if pretrained else "words")
 
     @functools.cache
+    def train_visual() -> np.ndarray | FeatureImages:
+        """What the model reads of the training split. A frozen tiny tower's maps are computed once
+        rather than every epoch (on shapes-video the tower was a third of a training step);
+        validation keeps the pixels, whose mean image corrects a captioning score's prior."""
+        maps = None if pretrained or model_config.train_tower else frozen_tower_maps(fast.model.image_tower, data.visual["train"])
+        return data.visual["train"] if maps is None else maps
+
+    @functools.cache
     def pools() -> NegativePools:
         scores = dual_encoder_scores(fast.model, data.visual["train"], data.texts["train"], cfg.device)
         return mine_pools(scores, train, model_config.negatives_pool)
@@ -367,9 +376,9 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
             )
         if model_config.twin_negatives and model_config.objective != "itm":
             return TwinNegativeBatches(
-                train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, data.visual["train"]
+                train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, train_visual()
             )
-        batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, data.visual["train"])
+        batches = PairBatches(train, data.tokens["train"], cfg.train_cross.batch_size, cfg.seed, epoch, train_visual())
         if model_config.objective == "itm":  # twins share batches, so each can be the other's negative
             batches.order = keep_twins_together(batches.order, train.twin)
         return batches

@@ -12,7 +12,8 @@ from fastslow import evaluation, stages
 from fastslow.config import CrossAttentionConfig, DataConfig, DualEncoderConfig, EncoderConfig, TrainConfig, make_config
 from fastslow.models.cross_attention import CrossAttentionModel, pair_scores, visual_tokens
 from fastslow.models.dual_encoder import DualEncoder, TemporalPooling, embed_images
-from fastslow.inputs import images_to_tensor, model_input
+from fastslow.inputs import frames_per_item, images_to_tensor, model_input
+from fastslow.models.encoders import frozen_tower_maps
 
 SIZE, FRAMES = 32, 4
 TINY_ENCODER = EncoderConfig(channels=(8, 8, 16, 16), text_width=16, text_layers=1, heads=2)
@@ -93,6 +94,31 @@ def test_clip_pair_scores_batched_equal_one_at_a_time(clips):
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("items", ["clips", "images"])
+def test_a_frozen_towers_maps_give_the_visual_tokens_its_pixels_give(clips, items):
+    pixels = clips if items == "clips" else clips[:, 0]
+    torch.manual_seed(0)
+    model = CrossAttentionModel(40, dataclasses.replace(TINY_CROSS, train_tower=False, upsample_steps=1), SIZE, FRAMES)
+    maps = frozen_tower_maps(model.image_tower, pixels, batch_size=8)
+    assert len(maps) == len(pixels) and frames_per_item(maps) == frames_per_item(pixels)
+    order = [3, 0, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval().encode_images(model_input(maps[order])), model.encode_images(model_input(pixels[order])),
+            rtol=1e-5, atol=1e-6,
+        )
+        # Caption scores read the tokens; a gallery of maps scores as one of pixels does.
+        torch.testing.assert_close(visual_tokens(model, maps), visual_tokens(model, pixels), rtol=1e-5, atol=1e-6)
+    assert frozen_tower_maps(model.image_tower, pixels, max_bytes=1000) is None
+
+
+def test_a_slow_model_that_fine_tunes_its_tower_refuses_frozen_maps(clips):
+    model = CrossAttentionModel(40, TINY_CROSS, SIZE, FRAMES)
+    maps = frozen_tower_maps(model.image_tower, clips)
+    with pytest.raises(ValueError, match="fine-tunes"):
+        model.encode_images(maps)
+
+
 def tiny_video_config():
     cfg = make_config("smoke", dataset="shapes-video", device="cpu")
     return dataclasses.replace(
@@ -112,6 +138,12 @@ def test_the_stages_train_on_shapes_video(tmp_path, monkeypatch):
     assert data.test.frames == FRAMES
     fast = stages.train_or_load_dual_encoder(cfg, data)
     slow = stages.train_or_load_cross_attention(cfg, data)
+    # Its frozen tower's maps were computed once; trained on the pixels instead, it is the same model.
+    monkeypatch.setenv("FASTSLOW_CACHE", str(tmp_path / "pixels"))
+    monkeypatch.setattr(stages, "frozen_tower_maps", lambda tower, images: None)
+    on_pixels = stages.train_or_load_cross_attention(cfg, data)
+    for name, weights in slow.model.state_dict().items():
+        torch.testing.assert_close(weights, on_pixels.model.state_dict()[name], rtol=1e-4, atol=1e-5)
     assert len(fast.history["epochs"]) == len(slow.history["epochs"]) == 1
     fast_scores = evaluation.headline_fast_scores(fast.model, data, cfg.device)
     slow_scores = evaluation.headline_slow_scores(cfg, data, slow)

@@ -53,6 +53,7 @@ from fastslow.inputs import (
     PAD_ID,
     FeatureImages,
     frames_per_item,
+    is_clips,
     model_input,
     real_tokens,
     trim_padding,
@@ -389,20 +390,31 @@ class CrossAttentionModel(nn.Module):
     def encode_images(self, images: torch.Tensor | FeatureImages) -> torch.Tensor:
         """Normalised ``(B, 3, H, W)`` images (or their frozen features) to ``(B, h * w, W)`` visual
         tokens (the grid cells), or ``(B, T, 3, H, W)`` clips to ``(B, T * h * w, W)``
-        spatio-temporal ones (frame by frame: every cell of the first frame, then of the second, ...)."""
+        spatio-temporal ones (frame by frame: every cell of the first frame, then of the second, ...).
+
+        Frozen features are the maps of a frozen tower, computed once: EfficientNet-Lite0's, or
+        this model's own ``tiny`` tower's (:func:`fastslow.models.encoders.frozen_tower_maps`)."""
         positions = (self.row_embedding[:, None, :] + self.column_embedding[None, :, :]).flatten(0, 1)
-        if isinstance(images, torch.Tensor) and images.ndim == 5:
-            frames = images.shape[1]
+        if is_clips(images):
+            frames = frames_per_item(images)
             if self.time_embedding is None or frames > len(self.time_embedding):
                 built = 0 if self.time_embedding is None else len(self.time_embedding)
                 raise ValueError(f"clips of {frames} frames; the model was built for {built} (frames=... at construction)")
-            grid = self.upsampler(self.image_tower(images.flatten(0, 1)))
-            cells = grid.flatten(2).transpose(1, 2).unflatten(0, images.shape[:2])  # (B, T, h * w, W)
+            grid = self.upsampler(self._frame_maps(images))
+            cells = grid.flatten(2).transpose(1, 2).unflatten(0, (len(images), frames))  # (B, T, h * w, W)
             tokens = (cells + positions + self.time_embedding[:frames, None, :]).flatten(1, 2)
         else:
-            grid = self.upsampler(self.image_tower(images))
+            grid = self.upsampler(self._frame_maps(images))
             tokens = grid.flatten(2).transpose(1, 2) + positions
         return self.visual_norm(self.visual_projection(tokens))
+
+    def _frame_maps(self, images: torch.Tensor | FeatureImages) -> list[torch.Tensor]:
+        """The tower's maps of each image, or of each frame of a clip (time folded into the batch)."""
+        if isinstance(images, FeatureImages):
+            if self.train_tower:
+                raise ValueError("frozen features skip the image tower, which this model fine-tunes")
+            return images.frame_maps()
+        return self.image_tower(images.flatten(0, 1) if images.ndim == 5 else images)
 
     def visual_keys_values(self, visual: torch.Tensor) -> dict[str, KeysValues]:
         return {d: decoder.visual_keys_values(visual) for d, decoder in self.decoders.items()}

@@ -12,11 +12,12 @@ a uint8 array of pixels, or :class:`~fastslow.inputs.FeatureImages` indexed like
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from fastslow.config import EncoderConfig
-from fastslow.inputs import FEATURE_CHANNELS, FEATURE_STRIDES, PAD_ID, POOLED_DIM, FeatureImages
+from fastslow.inputs import FEATURE_CHANNELS, FEATURE_STRIDES, PAD_ID, POOLED_DIM, FeatureImages, frames_per_item, is_clips, model_input
 
 def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
@@ -113,3 +114,40 @@ def build_image_tower(config: EncoderConfig) -> ConvTower | FrozenFeatureTower:
     if config.backbone != "tiny":
         raise ValueError(f"unknown backbone {config.backbone!r}")
     return ConvTower(config.channels)
+
+
+# Frozen maps are kept in float32 in memory (rounding them would change the trained model); past
+# this size a Slow model reads pixels instead (a COCO-size split would need tens of GB).
+FROZEN_MAPS_MAX_BYTES = 4 * 2**30
+
+
+@torch.no_grad()
+def frozen_tower_maps(
+    tower: ConvTower, images: np.ndarray, batch_size: int = 256, max_bytes: int = FROZEN_MAPS_MAX_BYTES
+) -> FeatureImages | None:
+    """A frozen ``tiny`` tower's maps of uint8 images or clips, computed once on the CPU in batches
+    of about ``batch_size`` frames: what a Slow model that keeps the tower frozen reads every epoch
+    instead of pixels (on ``shapes-video`` the tower was a third of a training step). None when
+    they would take more than ``max_bytes``.
+
+    The tower runs in evaluation mode, as a frozen one trains. Its output for an image does not
+    depend on the batch around it from 64 frames a batch up (measured bit for bit on the CPU; it
+    does at 1 or 7), so a model trained on these maps is the one trained on the pixels."""
+    height, width = images.shape[-3:-1]
+    per_frame = sum(c * -(-height // s) * -(-width // s) for c, s in zip(tower.out_channels, tower.strides))
+    if 4 * per_frame * frames_per_item(images) * len(images) > max_bytes:
+        return None
+    was_training = tower.training
+    tower.eval()
+    clips = is_clips(images)
+    step = max(1, batch_size // frames_per_item(images))
+    chunks = []
+    for start in range(0, len(images), step):
+        batch = model_input(images[start : start + step])
+        maps = tower(batch.flatten(0, 1) if clips else batch)
+        chunks.append([m.unflatten(0, batch.shape[:2]) if clips else m for m in maps])
+    tower.train(was_training)
+    finest = chunks[0][0].flatten(0, 1) if clips else chunks[0][0]
+    # Pixels reach the tower channels-last (images_to_tensor moves the channel axis), and so leave it.
+    layout = torch.channels_last if finest.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return FeatureImages([torch.cat(scale) for scale in zip(*chunks)], memory_format=layout)
