@@ -125,10 +125,11 @@ FROZEN_MAPS_MAX_BYTES = 4 * 2**30
 def frozen_tower_maps(
     tower: ConvTower, images: np.ndarray, batch_size: int = 256, max_bytes: int = FROZEN_MAPS_MAX_BYTES
 ) -> FeatureImages | None:
-    """A frozen ``tiny`` tower's maps of uint8 images or clips, computed once on the CPU in batches
-    of about ``batch_size`` frames: what a Slow model that keeps the tower frozen reads every epoch
-    instead of pixels (on ``shapes-video`` the tower was a third of a training step). None when
-    they would take more than ``max_bytes``.
+    """A frozen ``tiny`` tower's maps of uint8 images or clips, computed once on the tower's device
+    in batches of about ``batch_size`` frames and kept on the CPU (each batch moves them to where
+    the model trains): what a Slow model that keeps the tower frozen reads every epoch instead of
+    pixels (on ``shapes-video`` the tower was a third of a training step). None when they would
+    take more than ``max_bytes``.
 
     The tower runs in evaluation mode, as a frozen one trains. Its output for an image does not
     depend on the batch around it from 64 frames a batch up (measured bit for bit on the CPU; it
@@ -142,10 +143,11 @@ def frozen_tower_maps(
     clips = is_clips(images)
     step = max(1, batch_size // frames_per_item(images))
     chunks = []
+    device = next(tower.parameters()).device
     for start in range(0, len(images), step):
-        batch = model_input(images[start : start + step])
+        batch = model_input(images[start : start + step], device)
         maps = tower(batch.flatten(0, 1) if clips else batch)
-        chunks.append([m.unflatten(0, batch.shape[:2]) if clips else m for m in maps])
+        chunks.append([(m.unflatten(0, batch.shape[:2]) if clips else m).cpu() for m in maps])
     tower.train(was_training)
     finest = chunks[0][0].flatten(0, 1) if clips else chunks[0][0]
     # Pixels reach the tower channels-last (images_to_tensor moves the channel axis), and so leave it.
