@@ -356,9 +356,9 @@ def train_or_load_cross_attention(cfg: StudyConfig, data: Study | None = None, *
 
     @functools.cache
     def train_visual() -> np.ndarray | FeatureImages:
-        """What the model reads of the training split. A frozen tiny tower's maps are computed once
-        rather than every epoch (on shapes-video the tower was a third of a training step);
-        validation keeps the pixels, whose mean image corrects a captioning score's prior."""
+        """What the model reads of the training split: a frozen tiny tower's maps, computed once
+        (:func:`frozen_tower_maps`), else what the data holds. Validation keeps the pixels: the
+        mean image that corrects a captioning score's prior is not the mean of the maps."""
         maps = None if pretrained or model_config.train_tower else frozen_tower_maps(fast.model.image_tower, data.visual["train"])
         return data.visual["train"] if maps is None else maps
 

@@ -395,16 +395,15 @@ class CrossAttentionModel(nn.Module):
         Frozen features are the maps of a frozen tower, computed once: EfficientNet-Lite0's, or
         this model's own ``tiny`` tower's (:func:`fastslow.models.encoders.frozen_tower_maps`)."""
         positions = (self.row_embedding[:, None, :] + self.column_embedding[None, :, :]).flatten(0, 1)
-        if is_clips(images):
-            frames = frames_per_item(images)
-            if self.time_embedding is None or frames > len(self.time_embedding):
-                built = 0 if self.time_embedding is None else len(self.time_embedding)
-                raise ValueError(f"clips of {frames} frames; the model was built for {built} (frames=... at construction)")
-            grid = self.upsampler(self._frame_maps(images))
+        clips, frames = is_clips(images), frames_per_item(images)
+        if clips and (self.time_embedding is None or frames > len(self.time_embedding)):
+            built = 0 if self.time_embedding is None else len(self.time_embedding)
+            raise ValueError(f"clips of {frames} frames; the model was built for {built} (frames=... at construction)")
+        grid = self.upsampler(self._frame_maps(images))
+        if clips:
             cells = grid.flatten(2).transpose(1, 2).unflatten(0, (len(images), frames))  # (B, T, h * w, W)
             tokens = (cells + positions + self.time_embedding[:frames, None, :]).flatten(1, 2)
         else:
-            grid = self.upsampler(self._frame_maps(images))
             tokens = grid.flatten(2).transpose(1, 2) + positions
         return self.visual_norm(self.visual_projection(tokens))
 
