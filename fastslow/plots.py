@@ -145,9 +145,15 @@ def chance_intervals(table: pd.DataFrame, chance: float = 50.0, title: str = "ri
     return fig
 
 
+# An object that moves less than this between two frames gets no arrow (the renderer's own jitter).
+MOTION_MIN_PIXELS = 0.5
+
+
 def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int | None = None):
     """Each clip's frames in a row, left to right in time, under its first caption (and its twin
-    kind, when it has a twin). Images (one frame) work too."""
+    kind, when it has a twin). Where the split knows its objects' centres (generated clips), each
+    frame shows an arrow from every moving object to where it is in the next frame. Images (one
+    frame) work too."""
     frames = split.frames
     clips = split.images if split.images.ndim == 5 else split.images[:, None]
     width = width or max(28, int(15 * frames))  # caption characters per line: about the row's width
@@ -157,6 +163,11 @@ def clip_strip(split: CaptionedImages, indices: Sequence[int], width: int | None
         axes = np.atleast_1d(row.subplots(1, frames))
         for t, ax in enumerate(axes):
             ax.imshow(clips[index, t], interpolation="nearest")
+            if split.centres is not None and t + 1 < frames:
+                for here, there in zip(split.centres[index, t], split.centres[index, t + 1]):
+                    if np.abs(there - here).max() >= MOTION_MIN_PIXELS:
+                        ax.annotate("", xy=tuple(there), xytext=tuple(here),
+                                    arrowprops={"arrowstyle": "->", "color": "white", "lw": 1.2})
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel(f"t={t}", fontsize=7)

@@ -380,3 +380,29 @@ def test_clip_strip_draws_each_clip_in_a_row_under_its_first_caption(clips):
     assert len(fig.axes) == 2 * test.frames
     assert test.captions_of(5)[0] in fig.subfigs[1].get_suptitle().replace("\n", " ")
     plt.close(fig)
+
+
+def test_the_generator_keeps_each_objects_centre_and_the_strip_draws_its_motion(clips):
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation
+
+    from fastslow.plots import MOTION_MIN_PIXELS, clip_strip
+
+    test = clips["test"]
+    assert test.centres.shape == (120, 8, 2, 2)
+    # Each object is drawn where its centre says: the pixel there is the object's, not the dark
+    # background's (whose brightest channel stays below about 60).
+    x, y = np.rint(test.centres[..., 0]).astype(int), np.rint(test.centres[..., 1]).astype(int)
+    clip, frame = np.indices(x.shape[:2])
+    for obj in (0, 1):
+        assert test.images[clip, frame, y[..., obj], x[..., obj]].max(-1).min() > 100
+    sub = test.subset([9, 3])
+    assert np.array_equal(sub.centres, test.centres[[9, 3]])
+    with pytest.raises(ValueError, match="centres"):
+        CaptionedVideos(**dict(vars(sub)) | {"centres": sub.centres[:, :2]})
+    fig = clip_strip(test, [0, 5])
+    arrows = [a for ax in fig.axes for a in ax.texts if isinstance(a, Annotation)]
+    steps = np.abs(np.diff(test.centres[[0, 5]], axis=1)).max(-1)
+    assert len(arrows) == int((steps >= MOTION_MIN_PIXELS).sum()) > 0
+    plt.close(fig)
+

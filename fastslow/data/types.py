@@ -26,7 +26,9 @@ class CaptionedImages:
     with ``twin_kind[i]`` saying how the two differ. ``caption_kind`` is ``"full"`` for a caption
     naming both objects and their relation, ``"partial"`` otherwise, ``""`` when unknown (real data).
     ``meta`` says where a split came from when that is not obvious (e.g. Flickr8k's ``test`` being
-    its dev list), so results can state it.
+    its dev list), so results can state it. ``centres``: for generated clips, each object's
+    ``(x, y)`` centre in pixels in each frame, ``(N, T, objects, 2)`` (what the clip strips draw
+    the motion from); None for everything else.
     """
 
     dataset: str
@@ -40,6 +42,7 @@ class CaptionedImages:
     caption_kind: list[str]
     skipped: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    centres: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
@@ -68,6 +71,8 @@ class CaptionedImages:
         for name, length in per_caption.items():
             if length != n_captions:
                 raise ValueError(f"{name} of {where} has {length} entries for {n_captions} captions")
+        if self.centres is not None and self.centres.shape[:2] != self.images.shape[:2]:
+            raise ValueError(f"centres of {where} must be (N, T, objects, 2) for its {self.images.shape[:2]} clips")
         if self.caption_image.ndim != 1 or self.twin.ndim != 1:
             raise ValueError(f"caption_image and twin of {where} must be 1-D arrays")
         bad_kinds = set(self.twin_kind) - set(TWIN_KINDS)
@@ -142,6 +147,7 @@ class CaptionedImages:
             caption_kind=[self.caption_kind[j] for j in kept_captions],
             skipped=list(self.skipped),
             meta=dict(self.meta),
+            centres=None if self.centres is None else self.centres[chosen],
         )
 
 

@@ -177,6 +177,7 @@ def _make_split(
         twin_kind=twin_kind,
         caption_kind=caption_kind,
         skipped=[],
+        centres=centres.astype(np.float32),
     )
 
 
