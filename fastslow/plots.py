@@ -145,7 +145,7 @@ def chance_intervals(table: pd.DataFrame, chance: float = 50.0, title: str = "ri
     return fig
 
 
-# An object that moves less than this between two frames gets no arrow (the renderer's own jitter).
+# An object that moves less than this between two frames gets no arrow: one that short is all head.
 MOTION_MIN_PIXELS = 0.5
 
 
