@@ -1,9 +1,8 @@
 """The notebooks read as lessons: short code lines everywhere, and in the converted ("teaching")
 notebooks the maths on the page, a closing summary, exercises and references, and at least one toy
 cell that checks itself with an ``assert`` (the hand computation against the package function).
-Source notebooks store outputs only in their ``# NBVAL_CHECK_OUTPUT`` cells: a deterministic toy
-cell per notebook whose printed result nbval compares with the stored one (the same under every
-profile and dataset), so a notebook fails when the package's numbers drift from its page."""
+Source notebooks store no outputs, so nbval has no reference output to compare a cell with; the
+asserts are what make nbval fail when the package drifts from the page."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ TEACHING_NOTEBOOKS = ("01_data.ipynb", "02_dual_encoder.ipynb", "03_cross_attent
 MAX_LINE = 100
 CLOSING_HEADINGS = ("Summary", "Exercises", "References")
 ASSERT_LINE = re.compile(r"^\s*assert\s", re.MULTILINE)
-CHECK_OUTPUT = "# NBVAL_CHECK_OUTPUT"
 
 
 def cells(notebook: Path, kind: str) -> list[str]:
@@ -59,27 +57,18 @@ def test_teaching_notebook_ends_with_summary_exercises_and_references(name):
 
 
 @pytest.mark.parametrize("notebook", ALL_NOTEBOOKS, ids=lambda p: p.name)
-def test_source_notebooks_store_outputs_only_where_nbval_checks_them(notebook):
-    # Executed copies go to results/<run>/notebooks/; the sources keep only nbval's references.
+def test_source_notebooks_store_no_outputs(notebook):
+    # Executed copies go to results/<run>/notebooks/; the sources stay clean.
     nb = json.loads(notebook.read_text(encoding="utf-8"))
-    stored = [c.get("id") for c in nb["cells"] if c["cell_type"] == "code" and c["outputs"]
-              and CHECK_OUTPUT not in "".join(c["source"]).splitlines()]
-    assert not stored, f"{notebook.name}: outputs stored in cells {stored} that nbval does not check"
-
-
-@pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
-def test_teaching_notebook_has_a_cell_whose_output_nbval_checks(name):
-    nb = json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
-    checked = [c for c in nb["cells"] if c["cell_type"] == "code"
-               and CHECK_OUTPUT in "".join(c["source"]).splitlines()]
-    assert checked and all(c["outputs"] for c in checked), (
-        f"{name}: no {CHECK_OUTPUT} cell with a stored output to compare with")
+    stored = [c.get("id") for c in nb["cells"] if c["cell_type"] == "code" and c["outputs"]]
+    assert not stored, f"{notebook.name}: outputs stored in cells {stored}"
 
 
 @pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
 def test_teaching_notebook_has_a_toy_cell_that_checks_itself(name):
-    """A toy cell compares its hand computation with the package function by an ``assert``; nbval
-    runs every cell, so the notebook fails when the package drifts from what the page computes by
-    hand, in cells whose output is not stored too."""
+    """The sources store no outputs (the test above), so nbval has no stored output to compare a
+    deterministic cell with, and ``# NBVAL_CHECK_OUTPUT`` would check nothing. Instead a toy cell
+    compares its hand computation with the package function by an ``assert``; nbval runs every
+    cell, so the notebook fails when the package drifts from what the page computes by hand."""
     checked = [source for source in cells(NOTEBOOKS / name, "code") if ASSERT_LINE.search(source)]
     assert checked, f"{name}: no code cell checks itself with an assert statement"
