@@ -14,17 +14,18 @@ then loads what the first wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from filelock import FileLock, Timeout
 
+from fastslow import distributed
 from fastslow.config import REPO_ROOT, config_hash, to_jsonable
 from fastslow.files import atomic_write, atomic_write_text, file_sha256
 
@@ -119,12 +120,11 @@ def load_or_build(
     (weights of an older form of the model), or None: such an entry is rebuilt, with a warning.
     """
     path = artifact_path(stage, config)
+    if distributed.active():
+        return _load_or_build_on_every_rank(stage, config, path, build, to_stored, from_stored, unusable)
     with _entry_lock(path, stage):
-        stored = load_verified(path)
-        problem = None if stored is None or unusable is None else unusable(stored)
-        if problem is not None:
-            log.warning("cache file %s %s: treating it as missing", path, problem)
-        elif stored is not None:
+        stored = _usable(path, unusable)
+        if stored is not None:
             log.info("loaded %s from %s", stage, path)
             return from_stored(stored) if from_stored else stored
         log.info("building %s (no usable cache entry %s)", stage, path.name)
@@ -133,7 +133,36 @@ def load_or_build(
         return artifact
 
 
-@contextmanager
+def _usable(path: Path, unusable: Callable[[Any], str | None] | None) -> Any | None:
+    """What the entry at ``path`` holds, or None when it is missing or cannot serve (with a warning)."""
+    stored = load_verified(path)
+    problem = None if stored is None or unusable is None else unusable(stored)
+    if problem is not None:
+        log.warning("cache file %s %s: treating it as missing", path, problem)
+        return None
+    return stored
+
+
+def _load_or_build_on_every_rank(stage, config, path, build, to_stored, from_stored, unusable):
+    """:func:`load_or_build` under torchrun. Rank 0 alone decides whether the entry can serve (and
+    holds its lock), and every rank then takes the same branch: all load it, or all build (a build
+    may need every rank, as DDP training does) and rank 0 alone writes; the others wait for the
+    write, so what they read next (the entry's record) exists."""
+    with _entry_lock(path, stage) if distributed.is_main() else contextlib.nullcontext():
+        stored = _usable(path, unusable) if distributed.is_main() else None
+        if distributed.from_main(stored is not None):
+            stored = stored if distributed.is_main() else load_verified(path)
+            log.info("loaded %s from %s", stage, path)
+            return from_stored(stored) if from_stored else stored
+        log.info("building %s on rank %d of %d", stage, distributed.rank(), distributed.world_size())
+        artifact = build()
+        if distributed.is_main():
+            save_verified(to_stored(artifact) if to_stored else artifact, path, {"stage": stage, "config": config})
+        distributed.barrier()
+        return artifact
+
+
+@contextlib.contextmanager
 def _entry_lock(path: Path, stage: str) -> Iterator[None]:
     """Hold the entry's lock file, saying so when another process holds it first."""
     lock = FileLock(path.with_name(path.name + ".lock"))

@@ -9,7 +9,9 @@ so their outputs are computed once and the Fast and Slow heads train on them che
   cross-attention model) and the L2-normalised sentence embeddings (for the dual encoder).
 
 Extraction is resumable: it writes chunks atomically under the cache, and a rerun after an
-interruption computes only the chunks that are missing. The finished set is one cache entry
+interruption computes only the chunks that are missing. Under torchrun the ranks share the chunks
+(each computes every N-th), and rank 0 writes the assembled entry
+(``torchrun --nproc_per_node N -m fastslow.stages features ...``). The finished set is one cache entry
 (:func:`fastslow.cache.load_or_build`; the chunks are then removed) keyed by :func:`feature_key`: the
 backbones, the image size, the dataset, a digest of the split's image ids and captions and the
 fingerprint of the files they were read from. A changed subset or a replaced photograph never reuses
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastslow import distributed
 from fastslow.cache import artifact_path, load_or_build, load_verified, save_verified
 from fastslow.config import DataConfig, StudyConfig, default_device
 from fastslow.data import CaptionedImages, files_key, load_dataset
@@ -124,7 +127,9 @@ def extract_features(
     def build() -> dict:
         chunk_dir = artifact_path("features", key, ".chunks")
         artifact = _extract(params, data, key["content"], chunk_dir, device, images_per_chunk, captions_per_chunk)
-        shutil.rmtree(chunk_dir, ignore_errors=True)
+        distributed.barrier()  # every rank has read every chunk
+        if distributed.is_main():
+            shutil.rmtree(chunk_dir, ignore_errors=True)
         return artifact
 
     return FeatureSet(**load_or_build("features", key, build))
@@ -237,19 +242,28 @@ def _run_chunks(
     where: str,
 ) -> list[dict[str, torch.Tensor]]:
     """Compute ``[start, stop)`` chunks of ``total`` items, each saved atomically; load those already saved
-    (a chunk that fails its checksum is computed again)."""
-    chunks = []
-    with tqdm(total=total, desc=f"{kind} features {where}", unit=kind) as progress:
-        for start in range(0, total, per_chunk):
-            stop = min(start + per_chunk, total)
-            path = chunk_dir / f"{kind}-{start:08d}-{stop:08d}.pt"
+    (a chunk that fails its checksum is computed again). Under torchrun each rank computes every
+    ``world_size``-th chunk, from its rank on, and all ranks then read all of them."""
+    bounds = [(start, min(start + per_chunk, total)) for start in range(0, total, per_chunk)]
+    paths = [chunk_dir / f"{kind}-{start:08d}-{stop:08d}.pt" for start, stop in bounds]
+    mine = bounds[distributed.rank() :: distributed.world_size()]
+    chunks = {}
+    with tqdm(total=sum(stop - start for start, stop in mine), desc=f"{kind} features {where}", unit=kind) as progress:
+        for (start, stop), path in zip(mine, paths[distributed.rank() :: distributed.world_size()]):
             chunk = load_verified(path)
             if chunk is None:
                 started = time.perf_counter()
                 chunk = compute(start, stop)
                 chunk["seconds"] = torch.tensor(time.perf_counter() - started)
                 save_verified(chunk, path)
-            chunks.append(chunk)
+            chunks[path] = chunk
             progress.update(stop - start)
-    return chunks
+    distributed.barrier()
+    return [chunks[path] if path in chunks else _written_by_another_rank(path) for path in paths]
 
+
+def _written_by_another_rank(path: Path) -> dict[str, torch.Tensor]:
+    chunk = load_verified(path)
+    if chunk is None:
+        raise RuntimeError(f"feature chunk {path} is missing or damaged after every rank finished its share")
+    return chunk

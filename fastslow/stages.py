@@ -8,8 +8,12 @@ after its predecessors reuses their artifacts. Every stage trains through
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import inspect
+import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastslow import distill, metrics
+from fastslow import distill, distributed, metrics
 from fastslow.batches import PairBatches, TwinNegativeBatches, headline_queries
-from fastslow.cache import artifact_checksum, artifact_path, load_or_build, record_path
-from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash
+from fastslow.cache import artifact_checksum, artifact_path, cache_root, load_or_build, record_path
+from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash, make_config
 from fastslow.data import CaptionedImages, WordTokenizer, data_key, load_dataset
 from fastslow.data.text import SpecialPieces, WordPieceVocabulary
 from fastslow.features import extract_features
@@ -594,3 +598,104 @@ def best_student(cfg: StudyConfig, data: Study, *, fast: Trained, slow: Trained)
     students = {m: train_or_load_student(cfg, data, m, seed, fast=fast, slow=slow) for m in ("tfs", "dcd")}
     best = max(students, key=lambda m: best_validation_score(students[m]))
     return distill.METHOD_NAMES[best], students[best]
+
+
+# --- the stages as a command: python -m fastslow.stages STAGE [-p KEY VALUE ...] ----------------
+
+
+def _features(cfg: StudyConfig) -> str:
+    data = load_study(cfg)
+    if cfg.dual.encoder.backbone != "pretrained":
+        return f"backbone {cfg.dual.encoder.backbone!r} reads pixels: no features to extract"
+    return f"features of {', '.join(data.splits)} in {cache_root()}"
+
+
+def _dual_encoder(cfg: StudyConfig) -> str:
+    train_or_load_dual_encoder(cfg)
+    return f"dual encoder: {artifact_path('dual_encoder', dual_encoder_key(cfg))}"
+
+
+def _slow(cfg: StudyConfig) -> str:
+    kind, _ = best_slow_model(cfg, load_study(cfg))
+    return f"Slow model ({kind}, chosen on validation) and the other candidates in {cache_root()}"
+
+
+def _students(cfg: StudyConfig) -> str:
+    data = load_study(cfg)
+    fast = train_or_load_dual_encoder(cfg, data)
+    _, slow = best_slow_model(cfg, data)
+    students = train_or_load_students(cfg, data, fast=fast, slow=slow)
+    return f"{len(students)} students in {cache_root()}"
+
+
+# What each stage of the command runs: what notebooks 01-04 call, so a stage's artifacts land in the
+# cache where a notebook of the same parameters finds them.
+COMMAND_STAGES: dict[str, Callable[[StudyConfig], str]] = {
+    "features": _features,
+    "dual_encoder": _dual_encoder,
+    "slow": _slow,
+    "students": _students,
+}
+# The stages that run on several ranks (torchrun): each rank extracts its share of the features;
+# the dual encoder trains with DDP on all-gathered negatives. The Slow model's and the students'
+# losses read per-pair look-alikes and teacher scores that are not split over ranks yet.
+ON_SEVERAL_RANKS = ("features", "dual_encoder")
+
+
+def command_config(pairs: list[tuple[str, str]]) -> StudyConfig:
+    """The study config of ``-p KEY VALUE`` pairs: the notebooks' parameters (those of
+    :func:`fastslow.config.make_config`), each value of its default's type (``None`` as typed)."""
+    accepted = inspect.signature(make_config).parameters
+    values: dict[str, Any] = {}
+    for key, text in pairs:
+        if key not in accepted:
+            raise ValueError(f"unknown parameter {key!r} (choose among: {', '.join(accepted)})")
+        default = accepted[key].default
+        if isinstance(default, int):
+            try:
+                values[key] = int(text)
+            except ValueError:
+                raise ValueError(f"parameter {key!r} is an integer, not {text!r}") from None
+        else:
+            values[key] = None if text == "None" else text
+    return make_config(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastslow.stages STAGE [-p KEY VALUE ...]``, or the same under
+    ``torchrun --nproc_per_node N -m fastslow.stages ...``: train or load one stage's artifacts
+    into the cache (``FASTSLOW_CACHE``) where a notebook run with the same parameters finds them."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fastslow.stages",
+        description="Train or load one stage of the study into the cache the notebooks read "
+        "(FASTSLOW_CACHE). Under torchrun, the stages "
+        f"{' and '.join(ON_SEVERAL_RANKS)} run on every rank (gloo on CPU, NCCL on GPU).",
+    )
+    parser.add_argument("stage", choices=tuple(COMMAND_STAGES))
+    parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="a notebook parameter (profile, dataset, data_dir, backbone, seed, device)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = command_config(args.p)
+    except ValueError as error:
+        parser.error(str(error))
+    if distributed.launched() and args.stage not in ON_SEVERAL_RANKS:
+        parser.error(f"stage {args.stage!r} runs in one process; run it without torchrun "
+                     f"(under torchrun: {', '.join(ON_SEVERAL_RANKS)})")
+    logging.basicConfig(level=logging.INFO, format=f"[rank {distributed.rank_of_launch()}] %(levelname)s %(name)s: %(message)s")
+    cfg = dataclasses.replace(cfg, device=distributed.join(cfg.device))
+    try:
+        said = COMMAND_STAGES[args.stage](cfg)
+    finally:
+        distributed.leave()
+    if distributed.rank_of_launch() == 0:
+        print(said)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the module's own copy (fastslow.stages), not this __main__ one, so the types the package
+    # imports and the ones main() builds are the same.
+    from fastslow.stages import main as stages_main
+
+    sys.exit(stages_main())

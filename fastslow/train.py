@@ -6,6 +6,11 @@ then what it validates), stops early when validation stops improving, and writes
 every epoch (atomically, with its checksum) so an interrupted run resumes where it stopped instead
 of starting over; a checkpoint that fails its checksum or does not load is ignored with a warning,
 and training starts over.
+
+Under torchrun (:mod:`fastslow.distributed`) the model trains wrapped in DistributedDataParallel:
+each rank takes its share of every global batch, BatchNorm uses the global batch's statistics,
+validation's score is rank 0's (so every rank stops at the same epoch) and rank 0 alone writes the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastslow import distributed
 from fastslow.cache import load_verified, save_verified
 from fastslow.config import TrainConfig
 
@@ -70,7 +76,8 @@ def fit(
     ``loss_fn(model, batch, progress)`` gets the training progress in [0, 1] (losses whose weights
     change as training goes, such as DCD's, use it) and returns a loss, or a loss and a dict of
     scalars to log. ``epoch_batches(epoch)`` must be deterministic in ``epoch`` so a resumed run
-    sees the same data. ``validate(model)`` returns a score where higher is better.
+    sees the same data (under torchrun, the global batches: each rank trains on its share).
+    ``validate(model)`` returns a score where higher is better.
 
     Fine-tuning a trained model: ``validate_start`` scores the weights it starts from as epoch 0,
     so they are kept if no epoch beats them; ``freeze_batchnorm`` keeps BatchNorm's running
@@ -79,6 +86,7 @@ def fit(
     """
     torch.manual_seed(seed)
     model.to(device)
+    distributed.with_global_batchnorm(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(epoch_batches(0))
     total = config.epochs * steps_per_epoch
@@ -100,12 +108,14 @@ def fit(
             kept.load_state_dict(saved["averaged"])
         state = saved["state"]
         log.info("%s: resuming after epoch %d from %s", desc, state["epoch"], checkpoint)
+    # What the loss runs: the model, or DDP's wrapper of it (which averages the ranks' gradients).
+    trainer = distributed.data_parallel(model, device)
 
     history = state["history"]
     if validate_start and not history["epochs"]:
         model.eval()
         with torch.no_grad():
-            score = validate(model)
+            score = distributed.from_main(validate(model))
         history["epochs"].append({"epoch": 0, "train_loss": math.nan, "val_score": score, "seconds": 0.0})
         log.info("%s: validation %.2f before training", desc, score)
         state.update(best_score=score, best_weights=copy.deepcopy(model.state_dict()))
@@ -122,7 +132,7 @@ def fit(
         batches = tqdm(epoch_batches(epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}", leave=False)
         for batch in batches:
             progress = scheduler.last_epoch / total
-            output = loss_fn(model, _to_device(batch, device), progress)
+            output = loss_fn(trainer, _to_device(distributed.rows_of_this_rank(batch), device), progress)
             loss, extras = output if isinstance(output, tuple) else (output, {})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,7 +148,7 @@ def fit(
 
         kept.eval()
         with torch.no_grad():
-            score = validate(kept)
+            score = distributed.from_main(validate(kept))
         record = {
             "epoch": epoch + 1,
             "train_loss": sum(losses) / len(losses),
@@ -153,7 +163,7 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["stopped"] = state["bad_epochs"] >= config.patience
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             save_verified(
                 {
                     "model": model.state_dict(),

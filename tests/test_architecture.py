@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastslow"
 
 # Bottom to top; a module belongs to the first group whose name is its own or its package's.
 LAYERS = (
-    ("foundation", ("config", "files", "cache")),
+    ("foundation", ("config", "files", "distributed", "cache")),
     ("data", ("data",)),
     ("inputs", ("inputs", "batches", "negatives", "metrics", "intervals", "index")),
     ("models", ("models", "losses")),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastslow.config import TEMPORAL_POOLINGS, DualEncoderConfig
+from fastslow.distributed import gather_rows
 from fastslow.inputs import FeatureImages, frames_per_item, model_input, text_input
 from fastslow.models.encoders import TextTransformer, build_image_tower
 
@@ -96,8 +97,11 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     def forward(self, images: torch.Tensor | FeatureImages, texts: torch.Tensor) -> torch.Tensor:
-        """Scaled similarity logits ``(texts, images)`` of a batch of matched pairs."""
-        return self.logit_scale * self.encode_texts(texts) @ self.encode_images(images).T
+        """Scaled similarity logits ``(texts, images)`` of a batch of matched pairs; when several
+        ranks train, of the global batch (every rank's pairs, :func:`fastslow.distributed.gather_rows`),
+        so each caption meets the whole batch's images as negatives."""
+        texts, images = gather_rows(self.encode_texts(texts)), gather_rows(self.encode_images(images))
+        return self.logit_scale * texts @ images.T
 
 
 @torch.no_grad()
