@@ -47,6 +47,16 @@ Resume: a notebook that succeeded leaves results/<run>/notebooks/.done/<name>.pa
 its parameters and source are unchanged, unless --force. Once one notebook
 runs, every later notebook runs too (it may read what the earlier one wrote).
 
+Full profile past one machine (the papers' datasets at full size, N GPUs): train the
+heavy stages with the command first, into the cache the notebooks then read:
+  P="-p profile full -p dataset flickr30k -p data_dir PATH -p backbone pretrained"
+  torchrun --nproc_per_node N -m fastslow.stages features \$P      # ranks share the chunks
+  torchrun --nproc_per_node N -m fastslow.stages dual_encoder \$P  # DDP, gathered negatives
+  python -m fastslow.stages slow \$P                               # one process
+  python -m fastslow.stages students \$P                           # one process
+  ./run_all.sh --profile full -p dataset flickr30k -p data_dir PATH -p backbone pretrained
+  (add --estimate to a stage to see what one training step costs first; README, "Past one machine")
+
 Environment:
   FASTSLOW_PROFILE     default profile (smoke|quick|full)
   FASTSLOW_NOTEBOOKS   directory of the notebooks to run (default: notebooks)

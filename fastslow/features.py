@@ -135,6 +135,32 @@ def extract_features(
     return FeatureSet(**load_or_build("features", key, build))
 
 
+def extraction_cost(source: StudyConfig | FeatureParams, device: str | None = None) -> dict[str, float]:
+    """FLOPs of the frozen backbones for one image (at the data's image size) and for one caption
+    (at the longest caption the features keep: an upper bound), counted by torch's FLOP counter on
+    a batch of each, and this machine's seconds per item for the same batches."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = source if isinstance(source, FeatureParams) else FeatureParams.from_config(source)
+    device = device or (source.device if isinstance(source, StudyConfig) else default_device())
+    images = image_backbone(params.image_backbone, params.data.image_size).to(device)
+    texts = text_backbone(params.text_model).to(device)
+    size = params.data.image_size
+    pixels = images.pixels(torch.zeros(IMAGE_BATCH, size, size, 3, dtype=torch.uint8).numpy(), device)
+    captions = [" ".join(["word"] * params.max_caption_tokens)] * CAPTION_BATCH
+    cost = {}
+    for kind, run, items in (("image", lambda: images.features(pixels), IMAGE_BATCH),
+                             ("caption", lambda: texts(captions, params.max_caption_tokens), CAPTION_BATCH)):
+        with torch.inference_mode():
+            with FlopCounterMode(display=False) as counter:
+                run()
+            started = time.perf_counter()
+            run()
+        cost[f"gflop_per_{kind}"] = counter.get_total_flops() / 1e9 / items
+        cost[f"seconds_per_{kind}_here"] = (time.perf_counter() - started) / items
+    return cost
+
+
 def feature_key(params: FeatureParams, data: CaptionedImages) -> dict:
     """What the features of ``data`` depend on: the backbones, the image size, the split's image ids
     and captions (:func:`content_digest`) and the pixels, through the fingerprint of the files

@@ -30,7 +30,7 @@ from fastslow.cache import artifact_checksum, artifact_path, cache_root, load_or
 from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash, make_config
 from fastslow.data import CaptionedImages, WordTokenizer, data_key, load_dataset
 from fastslow.data.text import SpecialPieces, WordPieceVocabulary
-from fastslow.features import extract_features
+from fastslow.features import extract_features, extraction_cost
 from fastslow.inputs import MAX_CAPTION_TOKENS, FeatureImages
 from fastslow.losses import (
     cross_attention_loss,
@@ -45,7 +45,7 @@ from fastslow.models.matching import MatchingModel, SlowEnsemble
 from fastslow.models.pretrained import minilm_word_table, text_backbone
 from fastslow.negatives import LookAlikeBatches, NegativeBatches, NegativePools, mine_pools
 from fastslow.scoring import cross_attention_scores, dual_encoder_scores
-from fastslow.train import fit
+from fastslow.train import StepCost, fit, measuring_first_step
 
 
 @dataclass
@@ -642,6 +642,49 @@ COMMAND_STAGES: dict[str, Callable[[StudyConfig], str]] = {
 ON_SEVERAL_RANKS = ("features", "dual_encoder")
 
 
+def _estimate_features(cfg: StudyConfig) -> str:
+    """What extracting every split's features costs: FLOPs per image and caption, times the splits'."""
+    if cfg.dual.encoder.backbone != "pretrained":
+        return f"backbone {cfg.dual.encoder.backbone!r} reads pixels: no features to extract"
+    cost = extraction_cost(cfg)
+    splits = load_dataset(cfg.data)
+    images, captions = sum(len(s) for s in splits.values()), sum(s.num_captions for s in splits.values())
+    total = images * cost["gflop_per_image"] + captions * cost["gflop_per_caption"]
+    here = images * cost["seconds_per_image_here"] + captions * cost["seconds_per_caption_here"]
+    return "\n".join([
+        f"features of {images} images and {captions} captions ({', '.join(splits)})",
+        f"  {cost['gflop_per_image']:.2f} GFLOP an image, {cost['gflop_per_caption']:.2f} GFLOP a caption: "
+        f"{total / 1e3:.1f} TFLOP in all (forward only)",
+        f"  here: {here / 60:.1f} min ({total / here:.0f} GFLOP/s sustained); N ranks share the chunks",
+    ])
+
+
+def _estimate(stage: Callable[[StudyConfig], str], cfg: StudyConfig) -> str:
+    """What one step of the first model ``stage`` would train costs, and what a run on N GPUs
+    then needs: per GPU, the trained weights with their gradients, AdamW's two moments (and the
+    moving average, when the run keeps one) plus 1/N of the global batch's activations; per
+    epoch, FLOPs that a GPU's sustained rate turns into time."""
+    try:
+        with measuring_first_step():
+            stage(cfg)
+    except StepCost as measured:
+        cost = measured.cost
+        copies = 5 if cost["weight_average"] else 4
+        state = copies * cost["trained_parameter_mb"]
+        epoch_tflop = cost["gflop_per_step"] * cost["steps_per_epoch"] / 1e3
+        lines = [f"{measured.desc}: one step of a global batch of {cost['batch_size']}",
+                 f"  {cost['gflop_per_step']:.1f} GFLOP a step (forward and backward), "
+                 f"{cost['steps_per_epoch']} steps an epoch: {epoch_tflop:.2f} TFLOP an epoch",
+                 f"  here: {cost['seconds_per_step_here']:.3f} s a step "
+                 f"({cost['gflop_per_step'] / cost['seconds_per_step_here']:.0f} GFLOP/s sustained)",
+                 f"  memory: {cost['trained_parameter_mb']:.1f} MB of trained weights, x{copies} with "
+                 f"gradients and optimizer state; {cost['activation_mb']:.0f} MB of activations"]
+        lines += [f"  on {n} GPU(s): about {state + cost['activation_mb'] / n:.0f} MB each (plus "
+                  f"frozen backbones and the CUDA context)" for n in (1, 2, 4, 8)]
+        return "\n".join(lines)
+    return "nothing to train: every model of this stage is in the cache"
+
+
 def command_config(pairs: list[tuple[str, str]]) -> StudyConfig:
     """The study config of ``-p KEY VALUE`` pairs: the notebooks' parameters (those of
     :func:`fastslow.config.make_config`), each value of its default's type (``None`` as typed)."""
@@ -672,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{' and '.join(ON_SEVERAL_RANKS)} run on every rank (gloo on CPU, NCCL on GPU).",
     )
     parser.add_argument("stage", choices=tuple(COMMAND_STAGES))
+    parser.add_argument("--estimate", action="store_true",
+                        help="measure one training step of what the stage would train next (FLOPs, "
+                        "activation and parameter memory, seconds here) instead of training")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="a notebook parameter (profile, dataset, data_dir, backbone, seed, device)")
     args = parser.parse_args(argv)
@@ -685,7 +731,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank {distributed.rank_of_launch()}] %(levelname)s %(name)s: %(message)s")
     cfg = dataclasses.replace(cfg, device=distributed.join(cfg.device))
     try:
-        said = COMMAND_STAGES[args.stage](cfg)
+        if args.estimate and args.stage == "features":
+            said = _estimate_features(cfg)
+        elif args.estimate:
+            said = _estimate(COMMAND_STAGES[args.stage], cfg)
+        else:
+            said = COMMAND_STAGES[args.stage](cfg)
     finally:
         distributed.leave()
     if distributed.rank_of_launch() == 0:

@@ -15,11 +15,13 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,6 +88,8 @@ def fit(
     """
     torch.manual_seed(seed)
     model.to(device)
+    if _measuring.get():
+        raise StepCost(desc, measure_step(model, loss_fn, epoch_batches(0), config, device))
     distributed.with_global_batchnorm(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(epoch_batches(0))
@@ -183,6 +187,77 @@ def fit(
         model.load_state_dict(state["best_weights"])
     model.eval()
     return history
+
+
+# --- what one training step costs: the numbers a GPU user sizes a run with ----------------------
+
+_measuring: contextvars.ContextVar[bool] = contextvars.ContextVar("measuring", default=False)
+
+
+class StepCost(Exception):
+    """Raised by :func:`fit` inside :func:`measuring_first_step`, instead of training: ``desc``
+    names the run, ``cost`` is :func:`measure_step`'s. Raised (not returned) so nothing built on a
+    model that did not train (a cache entry) is ever written."""
+
+    def __init__(self, desc: str, cost: dict[str, float]):
+        super().__init__(f"{desc}: {cost}")
+        self.desc, self.cost = desc, cost
+
+
+@contextlib.contextmanager
+def measuring_first_step() -> Iterator[None]:
+    """The first :func:`fit` reached in this block measures one training step and raises
+    :class:`StepCost` instead of training (a stage whose model is cached trains nothing and is
+    passed)."""
+    token = _measuring.set(True)
+    try:
+        yield
+    finally:
+        _measuring.reset(token)
+
+
+def measure_step(model: nn.Module, loss_fn, batches: EpochBatches, config: TrainConfig, device: str) -> dict[str, float]:
+    """What one training step on the first batch costs: floating-point operations of forward and
+    backward (torch's FLOP counter: matrix products and convolutions, the bulk of the work),
+    the bytes autograd keeps for backward (the activations; each tensor once, parameters not
+    counted), the bytes of the parameters that train, and the seconds of a step on this machine
+    (the median of three more, uncounted), so the FLOPs convert to its speed. Steps per epoch at this batch size come
+    from ``batches``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    batch = _to_device(next(iter(batches)), device)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}  # storage -> bytes: a tensor saved twice, or views of one, count once
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def step() -> None:
+        output = loss_fn(model, batch, 0.0)
+        (output[0] if isinstance(output, tuple) else output).backward()
+        model.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        step()
+    seconds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - started)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "batch_size": config.batch_size,
+        "steps_per_epoch": len(batches),
+        "gflop_per_step": counter.get_total_flops() / 1e9,
+        "activation_mb": sum(kept.values()) / 2**20,
+        "trained_parameter_mb": sum(p.numel() * p.element_size() for p in trained) / 2**20,
+        "weight_average": bool(config.weight_average),
+        "seconds_per_step_here": sorted(seconds)[1],
+    }
 
 
 @torch.no_grad()
