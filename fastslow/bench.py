@@ -9,8 +9,9 @@ import contextlib
 import dataclasses
 import logging
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,13 @@ from tqdm.auto import tqdm
 
 from fastslow.cache import load_or_build
 from fastslow.config import StudyConfig
-from fastslow.index import VectorIndex, recall_against_exact, single_threaded
+from fastslow.index import (
+    VectorIndex,
+    inverted_lists,
+    recall_against_exact,
+    single_threaded,
+    write_embedding_shards,
+)
 from fastslow.inputs import text_input, trim_padding
 from fastslow.models.cross_attention import pair_scores
 from fastslow.models.dual_encoder import embed_images, embed_texts
@@ -226,10 +233,7 @@ def index_scaling(
         vectors = everything[:size]
         exact_ids = None
         for name, factory in factories.items():
-            # sqrt(N) inverted lists: k-means over 1M vectors then trains in ~10 s on 2 cores
-            # (4 sqrt(N), the usual advice, took ~130 s), and with fewer, longer lists the same
-            # nprobe scans more candidates (better recall, a slower search).
-            factory = factory.format(nlist=max(1, int(np.sqrt(size))))
+            factory = factory.format(nlist=inverted_lists(size))
             started = time.perf_counter()
             index = VectorIndex.build(vectors, factory)
             build_seconds = time.perf_counter() - started
@@ -248,6 +252,68 @@ def index_scaling(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def sharded_index_scaling(
+    gallery: torch.Tensor,
+    queries: torch.Tensor,
+    items: int,
+    shard_counts: Sequence[int],
+    factories: dict[str, str],
+    *,
+    ivf_nprobe: int = 16,
+    timed_queries: int = 20,
+    k: int = 10,
+    seed: int = 0,
+    rounds: int = 3,
+) -> pd.DataFrame:
+    """Build time, per-query search time and recall@k against exact search of an index sharded
+    in each of ``shard_counts`` shards (:meth:`~fastslow.index.VectorIndex.build_sharded`), for
+    each of ``factories`` (the index of one shard), over ``items`` vectors: the real ``gallery``
+    embeddings first, :func:`filler_vectors` after them.
+
+    Each shard count's embeddings are written to a temporary directory (``write_s``), indexed
+    from there shard by shard (``build_s``) and removed. The first row is the reference, one
+    exact index over every item (``shards`` 1), whose answers the recall is measured against, on
+    every query. Search time: the first ``timed_queries`` queries one at a time on one thread
+    (as :func:`index_scaling` times them; the shards are searched one after the other), every
+    index in each of ``rounds`` interleaved rounds (:func:`interleaved_ms_per_item`), since the
+    table compares the indexes with each other."""
+    filler = filler_vectors(gallery, max(0, items - len(gallery)), seed)
+    everything = np.concatenate([gallery.float().numpy(), filler])[:items]
+    del filler
+    started = time.perf_counter()
+    reference = (1, "exact, one index")
+    indexes = {reference: VectorIndex.build(everything, "Flat")}
+    rows = {reference: {"shard_factory": "Flat", "write_s": 0.0, "build_s": time.perf_counter() - started}}
+    for shards in tqdm(shard_counts, desc="shard counts", leave=False):
+        with tempfile.TemporaryDirectory(prefix="fastslow-shards-") as directory:
+            started = time.perf_counter()
+            files = write_embedding_shards(everything, directory, shards)
+            write_seconds = time.perf_counter() - started
+            for name, factory in factories.items():
+                started = time.perf_counter()
+                index = VectorIndex.build_sharded(files, factory, ivf_nprobe=ivf_nprobe)
+                build_seconds = time.perf_counter() - started
+                shard_factories = sorted({factory.format(nlist=inverted_lists(s.ntotal)) for s in index.shards})
+                indexes[shards, name] = index
+                rows[shards, name] = {"shard_factory": " / ".join(shard_factories), "write_s": write_seconds,
+                                      "build_s": build_seconds}
+    del everything
+    timed_rows = [q[None] for q in queries.float().numpy()[:timed_queries]]
+
+    def search_each(index: VectorIndex) -> Callable[[], None]:
+        return lambda: [index.search(q, k) for q in timed_rows]
+
+    with single_threaded():
+        ms = interleaved_ms_per_item({key: (search_each(i), len(timed_rows)) for key, i in indexes.items()}, rounds,
+                                     desc="search rounds")
+    exact_ids = indexes[reference].search(queries, k)[1]
+    return pd.DataFrame(
+        [{"shards": shards, "index": name, **rows[shards, name], "ms_per_query": ms[shards, name],
+          f"recall@{k}_vs_exact": recall_against_exact(index.search(queries, k)[1], exact_ids)}
+         for (shards, name), index in indexes.items()]
+    )
 
 
 def fast_slow_query_ms(
@@ -282,38 +348,50 @@ def slow_only_query_ms(
     return path.ms_per_query(captions, None, slow=True, repeats=repeats)
 
 
+def interleaved_ms_per_item(
+    passes: dict[Hashable, tuple[Callable[[], object], int]], rounds: int = 5, desc: str = "timing rounds"
+) -> dict[Hashable, float]:
+    """Milliseconds per item of each of ``passes`` ({key: (a call, the items it processes)}),
+    timed in interleaved rounds, each round one call of every pass in turn after a warm-up round,
+    and each pass's figure its median over the rounds: a slowdown of the host (here it slows to a
+    third for minutes) then hits every pass alike, so their ratios hold, where passes timed one
+    after the other could set a fast minute against a slow one. Each round starts one pass further
+    on, so no pass always follows the same one (a pass over a large gallery leaves the caches
+    cold for the next)."""
+    keys = list(passes)
+    times: dict[Hashable, list[float]] = {key: [] for key in keys}
+    for round_index in tqdm(range(rounds + 1), desc=desc, leave=False):
+        start = round_index % len(keys)
+        for key in keys[start:] + keys[:start]:
+            call, items = passes[key]
+            started = time.perf_counter()
+            call()
+            if round_index:  # round 0 warms up
+                times[key].append(1000.0 * (time.perf_counter() - started) / items)
+    return {key: statistics.median(ms) for key, ms in times.items()}
+
+
 def latency_by_k(
     path: QueryPath, captions: list[str], *, ks: Sequence[int], slow_only_captions: int | None = None, rounds: int = 5
 ) -> dict[int | None, float]:
     """Milliseconds per query of Fast+Slow at each K of ``ks`` and, under the key None, of the
     Slow model alone (on the first ``slow_only_captions`` captions, all by default; 0: not
-    timed), one query at a time on one thread, everything included (:class:`QueryPath`).
-
-    Timed in interleaved rounds, each round one pass of every method in turn after a warm-up
-    round, and each method's figure is its median over the rounds: a slowdown of the host (here
-    it slows to a third for minutes) then hits every method alike, so their ratios hold, where
-    methods timed one after the other could set a fast minute against a slow one. Each round
-    starts one method further on, so no method always follows Slow-only's pass over the whole
-    gallery, which leaves the caches cold."""
+    timed), one query at a time on one thread, everything included (:class:`QueryPath`), timed
+    in interleaved rounds (:func:`interleaved_ms_per_item`)."""
     slow_only = captions[:slow_only_captions] if slow_only_captions is not None else captions
     plans = [(k, captions) for k in ks] + ([(None, slow_only)] if slow_only else [])
-    times: dict[int | None, list[float]] = {k: [] for k, _ in plans}
 
-    @torch.inference_mode()
-    def one_pass(k: int | None, texts: list[str]) -> float:
-        started = time.perf_counter()
-        for caption in texts:
-            path.answer([caption], k, slow=True)
-        return 1000.0 * (time.perf_counter() - started) / len(texts)
+    def one_pass(k: int | None, texts: list[str]) -> Callable[[], None]:
+        @torch.inference_mode()
+        def answer_each() -> None:
+            for caption in texts:
+                path.answer([caption], k, slow=True)
+
+        return answer_each
 
     with one_thread():
-        for round_index in tqdm(range(rounds + 1), desc="latency rounds", leave=False):
-            start = round_index % len(plans)
-            for k, texts in plans[start:] + plans[:start]:
-                ms = one_pass(k, texts)
-                if round_index:  # round 0 warms up
-                    times[k].append(ms)
-    return {k: statistics.median(ms) for k, ms in times.items()}
+        return interleaved_ms_per_item({k: (one_pass(k, texts), len(texts)) for k, texts in plans}, rounds,
+                                       desc="latency rounds")
 
 
 def query_latency_breakdown(path: QueryPath, captions: list[str], *, ks: Sequence[int], repeats: int = 3) -> pd.DataFrame:
@@ -405,6 +483,28 @@ def fast_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataF
     # Stored as columns of plain values: the cache loads with weights_only=True, which refuses DataFrames.
     return load_or_build(
         "index_scaling", key, build, to_stored=lambda table: table.to_dict("list"), from_stored=pd.DataFrame
+    )
+
+
+def fast_sharded_index_scaling(cfg: StudyConfig, data: Study, fast: Trained) -> pd.DataFrame:
+    """:func:`sharded_index_scaling` on the dual encoder's test embeddings, cached: recall on
+    the first 200 headline queries (each costs an exact search of every item, ~7 ms at 1M),
+    search time on the first ``max(20, cfg.rerank.latency_queries)`` of them."""
+    measured = ("latency_queries", "sharded_items", "index_shards", "sharded_indexes", "sharded_ivf_nprobe")
+    key = {"model": fast.config_hash, "data": cfg.data} | {f: getattr(cfg.rerank, f) for f in measured}
+
+    def build() -> pd.DataFrame:
+        gallery = embed_images(fast.model, data.visual["test"], cfg.device)
+        queries = data.headline_queries()[:200]
+        query_embeddings = embed_texts(fast.model, data.texts["test"][torch.as_tensor(queries)], cfg.device)
+        return sharded_index_scaling(
+            gallery, query_embeddings, cfg.rerank.sharded_items, cfg.rerank.index_shards,
+            dict(cfg.rerank.sharded_indexes), ivf_nprobe=cfg.rerank.sharded_ivf_nprobe,
+            timed_queries=max(20, cfg.rerank.latency_queries), seed=cfg.seed,
+        )
+
+    return load_or_build(
+        "sharded_index_scaling", key, build, to_stored=lambda table: table.to_dict("list"), from_stored=pd.DataFrame
     )
 
 

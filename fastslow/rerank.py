@@ -8,6 +8,7 @@ then ``slow + alpha * fast``. ``alpha`` is chosen on validation (:func:`choose_a
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from fastslow.bench import QueryPath, latency_by_k
 from fastslow.config import LargerGallery, StudyConfig, config_hash
 from fastslow.data import CaptionedImages, make_shapes
 from fastslow.evaluation import cached_slow_scores
-from fastslow.index import VectorIndex
+from fastslow.index import VectorIndex, write_embedding_shards
 from fastslow.inputs import FeatureImages
 from fastslow.models.cross_attention import pair_scores, visual_tokens
 from fastslow.models.dual_encoder import embed_images, embed_texts
@@ -110,11 +111,19 @@ def k_values(gallery_size: int, ks: Sequence[int] = (1, 2, 5, 10, 20, 50, 100, 2
 class Searcher:
     """Text search over a study's test gallery: Fast top-K from a FAISS index, then the Slow model's order."""
 
-    def __init__(self, fast_model, slow_model, data, device: str = "cpu", alpha: float = 0.0):
-        """``data``: a :class:`fastslow.stages.Study` (its test split is the gallery)."""
+    def __init__(
+        self, fast_model, slow_model, data, device: str = "cpu", alpha: float = 0.0, index: VectorIndex | None = None
+    ):
+        """``data``: a :class:`fastslow.stages.Study` (its test split is the gallery). ``index``:
+        the Fast model's embeddings of that gallery, id i for image i, in any :class:`VectorIndex`
+        (a sharded one too); by default an exact one built here."""
         self.fast_model, self.slow_model, self.data = fast_model, slow_model, data
         self.gallery, self.device, self.alpha = data.test, device, alpha
-        self.index = VectorIndex.build(embed_images(fast_model, data.visual["test"], device))
+        if index is None:
+            index = VectorIndex.build(embed_images(fast_model, data.visual["test"], device))
+        if len(index) != len(self.gallery):
+            raise ValueError(f"the index holds {len(index)} items, the test gallery {len(self.gallery)} images")
+        self.index = index
         self.visual_tokens = visual_tokens(slow_model, data.visual["test"], device)
 
     @torch.no_grad()
@@ -248,9 +257,18 @@ def large_gallery(cfg: StudyConfig, data: Study, spec: LargerGallery) -> tuple[C
     return gallery, tokens, queries
 
 
-def fast_index(fast: Trained, visual: np.ndarray | FeatureImages, device: str, factory: str = "Flat") -> VectorIndex:
-    """A FAISS index of a dual encoder's embeddings of ``visual`` (a split's images as it reads them)."""
-    return VectorIndex.build(embed_images(fast.model, visual, device), factory)
+def fast_index(
+    fast: Trained, visual: np.ndarray | FeatureImages, device: str, factory: str = "Flat", shards: int = 1
+) -> VectorIndex:
+    """A FAISS index of a dual encoder's embeddings of ``visual`` (a split's images as it reads
+    them). ``shards`` above 1: the embeddings are written in that many shard files (a temporary
+    directory, removed once they are indexed) and indexed shard by shard
+    (:meth:`VectorIndex.build_sharded`), each shard with ``factory``."""
+    embeddings = embed_images(fast.model, visual, device)
+    if shards == 1:
+        return VectorIndex.build(embeddings, factory)
+    with tempfile.TemporaryDirectory(prefix="fastslow-shards-") as directory:
+        return VectorIndex.build_sharded(write_embedding_shards(embeddings, directory, shards), factory)
 
 
 def large_gallery_sweep(cfg: StudyConfig, data: Study, fast: Trained, slow: Trained, alpha: float) -> list[dict[str, Any]]:
