@@ -11,3 +11,11 @@ import os
 os.environ.setdefault("FASTSLOW_PROFILE", "smoke")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("FASTSLOW_BATCH", "1")
+
+
+def pytest_collection_modifyitems(items):
+    """nbval compares each ``# NBVAL_CHECK_OUTPUT`` cell with the reference output recorded in
+    notebooks/checked_outputs.json (the sources store none): fastslow.checked_outputs."""
+    from fastslow.checked_outputs import give_nbval_references
+
+    give_nbval_references(items)

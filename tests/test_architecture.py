@@ -26,7 +26,7 @@ LAYERS = (
     ("stages", ("stages",)),
     ("experiments", ("evaluation", "bench", "rerank", "analysis")),
     ("reporting", ("results", "summary", "claims", "plots")),
-    ("notebooks", ("notebook", "parameters", "__init__")),
+    ("notebooks", ("notebook", "parameters", "checked_outputs", "__init__")),
 )
 
 

@@ -1,8 +1,9 @@
 """The notebooks read as lessons: short code lines everywhere, and in the converted ("teaching")
 notebooks the maths on the page, a closing summary, exercises and references, and at least one toy
 cell that checks itself with an ``assert`` (the hand computation against the package function).
-Source notebooks store no outputs, so nbval has no reference output to compare a cell with; the
-asserts are what make nbval fail when the package drifts from the page."""
+Source notebooks store no outputs: the reference outputs of the cells nbval compares (one
+``# NBVAL_CHECK_OUTPUT`` toy cell per notebook) are kept in notebooks/checked_outputs.json
+(:mod:`fastslow.checked_outputs`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from fastslow.checked_outputs import cell_key, checked_cells, load_references
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
@@ -65,10 +68,20 @@ def test_source_notebooks_store_no_outputs(notebook):
 
 
 @pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
+def test_teaching_notebook_has_a_cell_whose_recorded_output_nbval_compares(name):
+    marked = checked_cells(NOTEBOOKS / name)
+    assert marked, f"{name}: no # NBVAL_CHECK_OUTPUT cell"
+    recorded = load_references().get(name, {})
+    unrecorded = [i for i, c in enumerate(marked) if cell_key("".join(c["source"])) not in recorded]
+    assert not unrecorded, (f"{name}: marked cells {unrecorded} have no recorded output (edited since?): "
+                            "python -m fastslow.checked_outputs EXECUTED_NOTEBOOKS_DIR")
+    assert all(recorded[cell_key("".join(c["source"]))] for c in marked), f"{name}: an empty reference"
+
+
+@pytest.mark.parametrize("name", TEACHING_NOTEBOOKS)
 def test_teaching_notebook_has_a_toy_cell_that_checks_itself(name):
-    """The sources store no outputs (the test above), so nbval has no stored output to compare a
-    deterministic cell with, and ``# NBVAL_CHECK_OUTPUT`` would check nothing. Instead a toy cell
-    compares its hand computation with the package function by an ``assert``; nbval runs every
-    cell, so the notebook fails when the package drifts from what the page computes by hand."""
+    """A toy cell compares its hand computation with the package function by an ``assert``; nbval
+    runs every cell, so the notebook fails when the package drifts from what the page computes by
+    hand, in the cells whose output it does not compare too."""
     checked = [source for source in cells(NOTEBOOKS / name, "code") if ASSERT_LINE.search(source)]
     assert checked, f"{name}: no code cell checks itself with an assert statement"
