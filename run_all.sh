@@ -53,7 +53,7 @@ heavy stages with the command first, into the cache the notebooks then read:
   torchrun --nproc_per_node N -m fastslow.stages features \$P      # ranks share the chunks
   torchrun --nproc_per_node N -m fastslow.stages dual_encoder \$P  # DDP, gathered negatives
   python -m fastslow.stages slow \$P                               # one process
-  python -m fastslow.stages students \$P                           # one process
+  torchrun --nproc_per_node N -m fastslow.stages students \$P      # DDP, after slow
   ./run_all.sh --profile full -p dataset flickr30k -p data_dir PATH -p backbone pretrained
   (add --estimate to a stage to see what one training step costs first; README, "Past one machine")
 

@@ -569,8 +569,12 @@ def train_or_load_finetuned(cfg: StudyConfig, data: Study, method: str, *, fast:
 
 def _distillation_loss_fn(cfg: StudyConfig, method: str):
     def loss_fn(model: DualEncoder, batch: dict[str, torch.Tensor], progress: float):
+        # Under torchrun the logits are the global batch's (DualEncoder.forward), so each row's
+        # candidates and teacher scores are gathered to match them: every rank then computes the
+        # global batch's loss, as the dual encoder's InfoNCE does.
         logits = model(batch["images"], batch["texts"])
-        return distillation_loss(method, cfg.distill, logits, batch["candidates"], batch["teacher"])
+        candidates, teacher = distributed.gather_rows(batch["candidates"]), distributed.gather_rows(batch["teacher"])
+        return distillation_loss(method, cfg.distill, logits, candidates, teacher)
 
     return loss_fn
 
@@ -623,6 +627,13 @@ def _slow(cfg: StudyConfig) -> str:
 def _students(cfg: StudyConfig) -> str:
     data = load_study(cfg)
     fast = train_or_load_dual_encoder(cfg, data)
+    if distributed.active():
+        try:
+            with measuring_first_step():  # the teacher must be there: it trains in one process
+                best_slow_model(cfg, data)
+        except StepCost:
+            raise SystemExit("the students' teacher is not trained: run 'python -m fastslow.stages slow' "
+                             "with the same parameters first (the Slow model trains in one process)") from None
     _, slow = best_slow_model(cfg, data)
     students = train_or_load_students(cfg, data, fast=fast, slow=slow)
     return f"{len(students)} students in {cache_root()}"
@@ -637,9 +648,10 @@ COMMAND_STAGES: dict[str, Callable[[StudyConfig], str]] = {
     "students": _students,
 }
 # The stages that run on several ranks (torchrun): each rank extracts its share of the features;
-# the dual encoder trains with DDP on all-gathered negatives. The Slow model's and the students'
-# losses read per-pair look-alikes and teacher scores that are not split over ranks yet.
-ON_SEVERAL_RANKS = ("features", "dual_encoder")
+# the dual encoder and the students train with DDP on all-gathered negatives (the students' teacher
+# scores gathered with them). The Slow models' losses read per-pair look-alikes and token-averaged
+# captioning terms that are not split over ranks yet: they train in one process.
+ON_SEVERAL_RANKS = ("features", "dual_encoder", "students")
 
 
 def _estimate_features(cfg: StudyConfig) -> str:
@@ -712,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fastslow.stages",
         description="Train or load one stage of the study into the cache the notebooks read "
         "(FASTSLOW_CACHE). Under torchrun, the stages "
-        f"{' and '.join(ON_SEVERAL_RANKS)} run on every rank (gloo on CPU, NCCL on GPU).",
+        f"{', '.join(ON_SEVERAL_RANKS)} run on every rank (gloo on CPU, NCCL on GPU).",
     )
     parser.add_argument("stage", choices=tuple(COMMAND_STAGES))
     parser.add_argument("--estimate", action="store_true",
