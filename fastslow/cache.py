@@ -120,16 +120,21 @@ def load_or_build(
     (weights of an older form of the model), or None: such an entry is rebuilt, with a warning.
     """
     path = artifact_path(stage, config)
-    if distributed.active():
-        return _load_or_build_on_every_rank(stage, config, path, build, to_stored, from_stored, unusable)
-    with _entry_lock(path, stage):
-        stored = _usable(path, unusable)
-        if stored is not None:
+    # Under torchrun rank 0 alone decides whether the entry can serve (and holds its lock), and
+    # every rank takes the same branch: all load it, or all build (a build may need every rank,
+    # as DDP training does) and rank 0 alone writes, the others waiting for the write so that what
+    # they read next (the entry's record) exists. In one process the rank is 0 and nothing waits.
+    with _entry_lock(path, stage) if distributed.is_main() else contextlib.nullcontext():
+        stored = _usable(path, unusable) if distributed.is_main() else None
+        if distributed.from_main(stored is not None):
+            stored = stored if stored is not None else load_verified(path)
             log.info("loaded %s from %s", stage, path)
             return from_stored(stored) if from_stored else stored
         log.info("building %s (no usable cache entry %s)", stage, path.name)
         artifact = build()
-        save_verified(to_stored(artifact) if to_stored else artifact, path, {"stage": stage, "config": config})
+        if distributed.is_main():
+            save_verified(to_stored(artifact) if to_stored else artifact, path, {"stage": stage, "config": config})
+        distributed.barrier()
         return artifact
 
 
@@ -141,25 +146,6 @@ def _usable(path: Path, unusable: Callable[[Any], str | None] | None) -> Any | N
         log.warning("cache file %s %s: treating it as missing", path, problem)
         return None
     return stored
-
-
-def _load_or_build_on_every_rank(stage, config, path, build, to_stored, from_stored, unusable):
-    """:func:`load_or_build` under torchrun. Rank 0 alone decides whether the entry can serve (and
-    holds its lock), and every rank then takes the same branch: all load it, or all build (a build
-    may need every rank, as DDP training does) and rank 0 alone writes; the others wait for the
-    write, so what they read next (the entry's record) exists."""
-    with _entry_lock(path, stage) if distributed.is_main() else contextlib.nullcontext():
-        stored = _usable(path, unusable) if distributed.is_main() else None
-        if distributed.from_main(stored is not None):
-            stored = stored if distributed.is_main() else load_verified(path)
-            log.info("loaded %s from %s", stage, path)
-            return from_stored(stored) if from_stored else stored
-        log.info("building %s on rank %d of %d", stage, distributed.rank(), distributed.world_size())
-        artifact = build()
-        if distributed.is_main():
-            save_verified(to_stored(artifact) if to_stored else artifact, path, {"stage": stage, "config": config})
-        distributed.barrier()
-        return artifact
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 # Field metadata: a setting added after models were cached enters config hashes (cache keys) only
@@ -542,3 +543,41 @@ def to_jsonable(config: Any) -> Any:
 def config_hash(config: Any) -> str:
     text = json.dumps(to_jsonable(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- a parameter as typed on a command line (run_all.sh -p, python -m fastslow.stages -p) -------
+
+
+class ParameterError(ValueError):
+    """Parameters a run cannot start with; the message says each problem and what is valid."""
+
+
+# The valid values of the parameters that name one of a few things; a function, so the machine's
+# devices are looked up only when a run asks for one.
+PARAMETER_CHOICES: dict[str, Callable[[], Iterable[str]]] = {
+    "profile": lambda: PROFILES,
+    "dataset": lambda: DATASETS,
+    "backbone": lambda: BACKBONES,
+    "device": available_devices,
+}
+
+
+def typed_parameter(key: str, text: str, default: Any) -> Any:
+    """``text`` as the value of parameter ``key`` whose default is ``default``: an int where the
+    default is one; ``None`` as typed where the default is ``None``; otherwise a string, one of
+    :data:`PARAMETER_CHOICES` for the parameters that have them. :class:`ParameterError` otherwise."""
+    if isinstance(default, bool) or not isinstance(default, (int, str, type(None))):
+        raise ParameterError(f"parameter {key!r} (default {default!r}) cannot be set from the command line")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ParameterError(f"parameter {key!r} is an integer, not {text!r}") from None
+    if default is None and text == "None":
+        return None
+    if key in PARAMETER_CHOICES:
+        choices = tuple(PARAMETER_CHOICES[key]())
+        if text not in choices:
+            what = "not available on this machine" if key == "device" else "unknown"
+            raise ParameterError(f"{key} {text!r} is {what} (choose one of: {', '.join(choices)})")
+    return text

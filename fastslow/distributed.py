@@ -119,11 +119,12 @@ def rows_of_this_rank(batch: Any) -> Any:
 def data_parallel(model: nn.Module, device: str) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel when several ranks train (which makes every rank
     start from rank 0's weights and averages the ranks' gradients); ``model`` itself otherwise.
-    Parameters a step leaves unused (a clip model's time layers, on images) are allowed."""
+    Every trained parameter must take part in each step (DDP says which one did not): the models
+    that train under torchrun do, and searching the graph for unused ones costs every step."""
     if not active():
         return model
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -6,9 +6,10 @@ first runs ``python -m fastslow.parameters NOTEBOOK_DIR KEY VALUE ...``: every k
 parameter of one of the notebooks (an assignment in its cell tagged ``parameters``), every value
 must have the type of that parameter's default (an int; a string; a string or ``None`` where the
 default is ``None``), and ``profile``, ``dataset``, ``backbone`` and ``device`` must be among their
-choices (:data:`fastslow.config.PROFILES`, ``DATASETS``, ``BACKBONES``,
-:func:`fastslow.config.available_devices`). A bad run stops with exit status 2 and a message that
-lists what is valid; a good one gets its values back, typed, as JSON for papermill's ``-y``.
+choices (:data:`fastslow.config.PARAMETER_CHOICES`; the typing is
+:func:`fastslow.config.typed_parameter`, which ``python -m fastslow.stages`` uses too). A bad run
+stops with exit status 2 and a message that lists what is valid; a good one gets its values back,
+typed, as JSON for papermill's ``-y``.
 
 Nothing here imports torch unless ``device`` asks for a GPU, so the check takes well under a second.
 """
@@ -18,24 +19,11 @@ from __future__ import annotations
 import ast
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fastslow.config import BACKBONES, DATASETS, PROFILES, available_devices
-
-# The valid values of the parameters that name one of a few things; a function, so the machine's
-# devices are looked up only when a run asks for one.
-CHOICES: dict[str, Callable[[], Iterable[str]]] = {
-    "profile": lambda: PROFILES,
-    "dataset": lambda: DATASETS,
-    "backbone": lambda: BACKBONES,
-    "device": available_devices,
-}
-
-
-class ParameterError(ValueError):
-    """Parameters a run cannot start with; the message says each problem and what is valid."""
+from fastslow.config import ParameterError, typed_parameter
 
 
 def notebook_parameters(notebook: Path) -> dict[str, Any]:
@@ -66,30 +54,12 @@ def check_parameters(notebooks: Iterable[Path], given: dict[str, str]) -> dict[s
             problems.append(f"unknown parameter {key!r} (the notebooks' parameters: {', '.join(defaults)})")
             continue
         try:
-            typed[key] = _typed(key, text, defaults[key])
+            typed[key] = typed_parameter(key, text, defaults[key])
         except ParameterError as error:
             problems.append(str(error))
     if problems:
         raise ParameterError("\n".join(problems))
     return typed
-
-
-def _typed(key: str, text: str, default: Any) -> Any:
-    if isinstance(default, bool) or not isinstance(default, (int, str, type(None))):
-        raise ParameterError(f"parameter {key!r} (default {default!r}) cannot be set from the command line")
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise ParameterError(f"parameter {key!r} is an integer, not {text!r}") from None
-    if default is None and text == "None":
-        return None
-    if key in CHOICES:
-        choices = tuple(CHOICES[key]())
-        if text not in choices:
-            what = "not available on this machine" if key == "device" else "unknown"
-            raise ParameterError(f"{key} {text!r} is {what} (choose one of: {', '.join(choices)})")
-    return text
 
 
 def main(argv: list[str]) -> int:

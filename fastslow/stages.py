@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fastslow import distill, distributed, metrics
 from fastslow.batches import PairBatches, TwinNegativeBatches, headline_queries
 from fastslow.cache import artifact_checksum, artifact_path, cache_root, load_or_build, record_path
-from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash, make_config
+from fastslow.config import OBJECTIVES, TOWER_INITS, StudyConfig, config_hash, make_config, typed_parameter
 from fastslow.data import CaptionedImages, WordTokenizer, data_key, load_dataset
 from fastslow.data.text import SpecialPieces, WordPieceVocabulary
 from fastslow.features import extract_features, extraction_cost
@@ -699,21 +699,13 @@ def _estimate(stage: Callable[[StudyConfig], str], cfg: StudyConfig) -> str:
 
 def command_config(pairs: list[tuple[str, str]]) -> StudyConfig:
     """The study config of ``-p KEY VALUE`` pairs: the notebooks' parameters (those of
-    :func:`fastslow.config.make_config`), each value of its default's type (``None`` as typed)."""
+    :func:`fastslow.config.make_config`), typed as ``run_all.sh`` types them
+    (:func:`fastslow.config.typed_parameter`)."""
     accepted = inspect.signature(make_config).parameters
-    values: dict[str, Any] = {}
-    for key, text in pairs:
-        if key not in accepted:
-            raise ValueError(f"unknown parameter {key!r} (choose among: {', '.join(accepted)})")
-        default = accepted[key].default
-        if isinstance(default, int):
-            try:
-                values[key] = int(text)
-            except ValueError:
-                raise ValueError(f"parameter {key!r} is an integer, not {text!r}") from None
-        else:
-            values[key] = None if text == "None" else text
-    return make_config(**values)
+    unknown = [key for key, _ in pairs if key not in accepted]
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r} (choose among: {', '.join(accepted)})")
+    return make_config(**{key: typed_parameter(key, text, accepted[key].default) for key, text in pairs})
 
 
 def main(argv: list[str] | None = None) -> int:
