@@ -429,6 +429,34 @@ def query_latency_breakdown(path: QueryPath, captions: list[str], *, ks: Sequenc
     return pd.DataFrame(rows)
 
 
+def stage_ms_alone(path: QueryPath, captions: list[str], *, k: int, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per query of each stage of Fast+Slow at ``k`` (:data:`QUERY_STAGES` that its
+    queries pay) run on its own: every caption's call of that stage back to back, on the inputs one
+    pass of whole queries handed it, one thread; per stage the median over ``repeats`` passes.
+
+    Beside :func:`query_latency_breakdown`'s times of the same stages inside whole queries, the
+    difference is what a query pays for switching between stages rather than for their work: in a
+    query each stage starts on caches (and branch history) that the stage before it filled."""
+    calls: dict[str, list[Callable[[], object]]] = {}
+
+    def record(stage: str, fn: Callable[[], object]):
+        calls.setdefault(stage, []).append(fn)
+        return fn()
+
+    def back_to_back(stage_calls: list[Callable[[], object]]) -> Callable[[], None]:
+        def run() -> None:
+            for call in stage_calls:
+                call()
+
+        return run
+
+    with one_thread(), torch.inference_mode():
+        for caption in captions:
+            path.answer([caption], k, True, record)
+        return {stage: ms_per_item(back_to_back(calls[stage]), items=len(captions), repeats=repeats)
+                for stage in QUERY_STAGES if stage in calls}
+
+
 def throughput(path: QueryPath, captions: list[str], *, k: int, batch: int, repeats: int = 3) -> pd.DataFrame:
     """Queries per second of Fast, Fast+Slow at ``k`` and Slow-only, one query at a time on one
     thread (what :func:`fast_query_ms` and friends time) and ``batch`` queries at a time on every

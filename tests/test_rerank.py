@@ -165,6 +165,46 @@ def test_latency_breakdown_times_each_stage_where_it_is_paid(monkeypatch):
     assert (speed_up["ideal"] <= speed_up["limit"]).all()
 
 
+def test_stages_alone_replay_each_stage_of_the_queries_back_to_back(monkeypatch):
+    """Each stage's recorded calls run again on their own, with the inputs the whole queries
+    handed them; on a clock that moves only when a stage works, its time per query is exact."""
+    from types import SimpleNamespace
+
+    from fastslow import bench
+    from fastslow.index import VectorIndex
+
+    clock = SimpleNamespace(ms=0.0)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock.ms / 1000.0))
+    towers, scored = [], []
+
+    def spend(ms, value=None):
+        clock.ms += ms
+        return value
+
+    class Fast:
+        def encode_texts(self, texts):
+            towers.append(texts[0, 0].item())
+            return spend(0.1, torch.nn.functional.normalize(texts, dim=-1))
+
+    def score(model, gallery, tokens, ids, **_):
+        scored.append((tokens[0, 0].item(), ids.shape))
+        return spend(0.2 * ids.shape[1])
+
+    monkeypatch.setattr(bench, "pair_scores", score)
+    index = VectorIndex.build(torch.nn.functional.normalize(torch.randn(50, 4), dim=-1))
+    path = bench.QueryPath(Fast(), index, None, torch.zeros(50, 1, 1),
+                           encode_fast=lambda c: spend(0.3, torch.full((len(c), 4), float(len(c[0])))),
+                           encode_slow=lambda c: spend(0.2, torch.full((len(c), 3), len(c[0]))))
+    captions = ["a red circle", "a blue square above"]
+    alone = bench.stage_ms_alone(path, captions, k=10, repeats=2)
+    assert alone == pytest.approx({"encode for Fast": 0.3, "Fast text tower": 0.1, "index search": 0.0,
+                                   "encode for Slow": 0.2, "Slow scoring": 2.0}, abs=1e-9)
+    lengths = [float(len(c)) for c in captions]
+    # One pass of whole queries, then each stage's warm-up and two timed passes over both captions.
+    assert towers == lengths * 4
+    assert scored == [(len(c), (1, 10)) for c in captions] * 4
+
+
 def test_throughput_answers_a_batch_of_queries_in_one_call(monkeypatch):
     from fastslow import bench
     from fastslow.index import VectorIndex
