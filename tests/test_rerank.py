@@ -197,8 +197,8 @@ def test_stages_alone_replay_each_stage_of_the_queries_back_to_back(monkeypatch)
                            encode_slow=lambda c: spend(0.2, torch.full((len(c), 3), len(c[0]))))
     captions = ["a red circle", "a blue square above"]
     alone = bench.stage_ms_alone(path, captions, k=10, repeats=2)
-    assert alone == pytest.approx({"encode for Fast": 0.3, "Fast text tower": 0.1, "index search": 0.0,
-                                   "encode for Slow": 0.2, "Slow scoring": 2.0}, abs=1e-9)
+    # Text preprocessing is not replayed (on real captions both encoders share one MiniLM pass).
+    assert alone == pytest.approx({"Fast text tower": 0.1, "index search": 0.0, "Slow scoring": 2.0}, abs=1e-9)
     lengths = [float(len(c)) for c in captions]
     # One pass of whole queries, then each stage's warm-up and two timed passes over both captions.
     assert towers == lengths * 4
