@@ -272,10 +272,10 @@ def _run_chunks(
     ``world_size``-th chunk, from its rank on, and all ranks then read all of them."""
     bounds = [(start, min(start + per_chunk, total)) for start in range(0, total, per_chunk)]
     paths = [chunk_dir / f"{kind}-{start:08d}-{stop:08d}.pt" for start, stop in bounds]
-    mine = bounds[distributed.rank() :: distributed.world_size()]
+    mine = list(zip(bounds, paths))[distributed.rank() :: distributed.world_size()]
     chunks = {}
-    with tqdm(total=sum(stop - start for start, stop in mine), desc=f"{kind} features {where}", unit=kind) as progress:
-        for (start, stop), path in zip(mine, paths[distributed.rank() :: distributed.world_size()]):
+    with tqdm(total=sum(stop - start for (start, stop), _ in mine), desc=f"{kind} features {where}", unit=kind) as progress:
+        for (start, stop), path in mine:
             chunk = load_verified(path)
             if chunk is None:
                 started = time.perf_counter()

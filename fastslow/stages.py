@@ -9,6 +9,7 @@ after its predecessors reuses their artifacts. Every stage trains through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -627,14 +628,14 @@ def _slow(cfg: StudyConfig) -> str:
 def _students(cfg: StudyConfig) -> str:
     data = load_study(cfg)
     fast = train_or_load_dual_encoder(cfg, data)
-    if distributed.active():
-        try:
-            with measuring_first_step():  # the teacher must be there: it trains in one process
-                best_slow_model(cfg, data)
-        except StepCost:
-            raise SystemExit("the students' teacher is not trained: run 'python -m fastslow.stages slow' "
-                             "with the same parameters first (the Slow model trains in one process)") from None
-    _, slow = best_slow_model(cfg, data)
+    # Under torchrun the teacher must be in the cache already (it trains in one process): loaded
+    # while measuring, a missing one stops here instead of training under DDP.
+    try:
+        with measuring_first_step() if distributed.active() else contextlib.nullcontext():
+            _, slow = best_slow_model(cfg, data)
+    except StepCost:
+        raise SystemExit("the students' teacher is not trained: run 'python -m fastslow.stages slow' "
+                         "with the same parameters first (the Slow model trains in one process)") from None
     students = train_or_load_students(cfg, data, fast=fast, slow=slow)
     return f"{len(students)} students in {cache_root()}"
 
